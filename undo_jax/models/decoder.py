@@ -200,9 +200,11 @@ class CausalLM(nnx.Module):
         self.param_dtype = jnp.dtype(param_dtype)
         self.embed_tokens = _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), param_dtype)
         self.layers = nnx.List(
-            [DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(config.num_hidden_layers)]
+            [DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+             for _ in range(config.num_hidden_layers)]
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, axis_name="norm", param_dtype=param_dtype, rngs=rngs)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, axis_name="norm", param_dtype=param_dtype,
+                            rngs=rngs)
         if not config.tie_word_embeddings:
             self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"), param_dtype)
 

@@ -46,7 +46,9 @@ def resolve_source(source: str | os.PathLike) -> str:
         try:
             return snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
         except Exception as e:  # offline, unknown repo, gated ...
-            raise FileNotFoundError(f"{source}: not a local path, and the hub download failed ({type(e).__name__})") from None
+            raise FileNotFoundError(
+                f"{source}: not a local path, and the hub download failed ({type(e).__name__})"
+            ) from None
     raise FileNotFoundError(f"{source}: no such file or directory")
 
 

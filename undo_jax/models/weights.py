@@ -123,7 +123,9 @@ def assemble(
         except ValueError:
             arr = None
         if arr is None or tuple(arr.shape) != spec.shape:
-            problems.append(f"tensor {spec.hf_name} has shape {tuple(raw.shape)}, expected one convertible to {spec.shape}")
+            problems.append(
+                f"tensor {spec.hf_name} has shape {tuple(raw.shape)}, expected one convertible to {spec.shape}"
+            )
             continue
         if problems:
             continue  # keep validating, stop converting
