@@ -60,6 +60,17 @@ def split_pool(records: list[Record], size: int, seed: int) -> tuple[list[Record
     return rest, carved
 
 
+def subsample(records: list[Record], n: int, seed: int = 0) -> list[Record]:
+    """A seeded sample of `n` records in their original order (all of them if n >= len).
+
+    Use this rather than a prefix: MATH and MMLU-Pro files are sorted by subject/category, so `records[:n]` of
+    MATH is all algebra.
+    """
+    if n >= len(records):
+        return list(records)
+    return [records[i] for i in carve_indices(len(records), n, seed)]
+
+
 class Task:
     """Base class; see CONTRACTS.md `undo_jax.tasks`. Subclasses set the class attributes below."""
 
@@ -96,6 +107,10 @@ class Task:
         if key not in self._cache:
             pools = self._pools(source, split)
             self._check_pools(pools, source)
+            if pools.get("train") and pools.get("test"):
+                # An upstream train item repeating a test question (MATH has one) would leak the test: drop it.
+                test_questions = {r.question for r in pools["test"]}
+                pools["train"] = [r for r in pools["train"] if r.question not in test_questions]
             self._cache[key] = pools
         return self._cache[key]
 

@@ -20,7 +20,7 @@ class Gsm8kTask(NumericTask):
     default_source_hint = "gsm8k"
     breakdown_key = None
 
-    def _make_record(self, row: dict, where: str) -> Record:
+    def _make_record(self, row: dict, where: str, record_id: str = "") -> Record:
         require_fields(row, ("question", "answer"), where, self.name)
         solution = str(row["answer"])
         if "####" not in solution:
@@ -28,13 +28,8 @@ class Gsm8kTask(NumericTask):
         value = parse_number(solution.rsplit("####", 1)[1])
         if value is None:
             raise TaskDataError(f"{where}: no number after '####'")
-        return Record(id=self._id_of(where), question=str(row["question"]).strip(), answer=format_number(value),
+        return Record(id=record_id, question=str(row["question"]).strip(), answer=format_number(value),
                       rationale=solution, meta={})
-
-    def _id_of(self, where: str) -> str:
-        # GSM8K rows carry no id: name them by split file and line ("train/17", "test/3"), stable across runs.
-        self._row_counter += 1
-        return f"{self._current_split}/{self._row_counter}"
 
     def _pools(self, source, split: str) -> dict[str, list[Record]]:
         single_file = source is not None and Path(source).is_file()
@@ -42,8 +37,9 @@ class Gsm8kTask(NumericTask):
         for pool in ("train", "test"):
             if single_file and (pool == "test") != (split == "test"):
                 continue
-            self._current_split, self._row_counter = pool, 0
-            pools[pool] = self._records(self._rows_for(source, (pool,), pool))
+            rows = self._rows_for(source, (pool,), pool)
+            # GSM8K rows carry no id: name them by split and row index ("train/0", "test/3"), stable across runs.
+            pools[pool] = [self._make_record(row, where, f"{pool}/{i}") for i, (where, row) in enumerate(rows)]
         return pools
 
     def reference_rationale(self, record: Record) -> str | None:

@@ -82,12 +82,14 @@ def _fix_a_slash_b(s: str) -> str:
 
 # Minerva's unit words and decorations (normalize_final_answer), removed from answers before comparison.
 _UNIT_TEXT = re.compile(
-    r"\\(?:text|textbf|mbox|mathrm)\{\s*(?:square|sq\.?|cubic)?\s*(?:units?|degrees?|cm|m|meters?|inches|inch|feet|"
+    r"\\(?:text|textbf|mbox|mathrm)\{\s*(?:square|sq\.?|cubic)?\s*(?:units?|degrees?|cm|m|meters?|"
+    r"(?:centi|milli|kilo)?meters?|inches|inch|feet|"
     r"foot|ft|km|miles?|mph|hours?|minutes?|seconds?|days?|weeks?|years?|dollars?|cents?|pounds?|ways|"
     r"students|people|points|digits|edges|meals|integers|multiples)\^?\d?\s*\}"
 )
 _TRAILING_WORDS = re.compile(
-    r"\s*(?:square|sq\.?|cubic)?\s*(?:units?|degrees?|cm|meters?|inches|feet|ft|km|miles?|mph|hours?|minutes?|"
+    r"\s*(?:square|sq\.?|cubic)?\s*(?:units?|degrees?|cm|(?:centi|milli|kilo)?meters?|inches|feet|ft|km|miles?|"
+    r"mph|hours?|minutes?|"
     r"seconds?|days?|dollars?|cents?|pounds?|ways)(?:\^\d|\^\{\d\})?\s*$"
 )
 
@@ -103,6 +105,11 @@ def normalize_math_answer(answer: str) -> str:
     s = re.sub(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|°", "", s)
     s = s.replace("\\$", "").replace("$", "")
     s = s.replace("\\%", "").replace("%", "")
+    s = re.sub(r"\\(text|textbf|mbox|mathrm)\s+\{", r"\\\1{", s)
+    # Hendrycks: "\text{ " (a space inside the brace) only ever starts a unit, so drop it and what follows.
+    head = s.split("\\text{ ")[0]
+    if head.strip() and head != s:
+        s = head
     s = _UNIT_TEXT.sub("", s)
     s = _TRAILING_WORDS.sub("", s)
     for command in ("\\text", "\\textbf", "\\mbox", "\\mathrm", "\\mathbf", "\\boxed"):

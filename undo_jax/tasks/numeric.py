@@ -1,7 +1,8 @@
 """Numeric answers (SVAMP, GSM8K): extraction from free text, canonical form, tolerant comparison.
 
-Extraction order: the last "answer is ..." (first number after it, up to the end of that line), then the
-last "#### ...", then the last \\boxed{...}, then the last number anywhere in the text.
+Extraction: of the last "answer is ..." / "Answer: ...", the last "#### ..." and the last \\boxed{...}, the one
+nearest the end of the text gives the answer (the first number after it, up to the end of that sentence or line); if
+none holds a number, the last number anywhere in the text.
 Numbers may carry thousands commas, a leading "$", a trailing "%" or unit, a trailing period, a sign,
 decimals, a/b fractions and LaTeX \\frac{a}{b}.
 """
@@ -23,6 +24,7 @@ _NUMBER = re.compile(
     r"(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
     r"(?:\s?/\s?(?P<den>\d+(?:\.\d+)?)(?![\d,]))?"
 )
+_SENTENCE_END = re.compile(r"\.\s|\n")
 _ANSWER_IS = re.compile(r"answer\s+is\b|answer\s*:", re.IGNORECASE)
 
 
@@ -64,17 +66,19 @@ def extract_number(text: str) -> str | None:
     """The final numeric answer in `text`, in canonical form, or None if it has no number at all."""
     if not text:
         return None
+    # (position, segment) of the last "answer is", "####" and \boxed{}; the marker nearest the end wins.
     candidates = []
     answer_is = list(_ANSWER_IS.finditer(text))
     if answer_is:
-        candidates.append(text[answer_is[-1].end():].split("\n", 1)[0])
+        candidates.append((answer_is[-1].start(), _SENTENCE_END.split(text[answer_is[-1].end():], 1)[0]))
     hashes = text.rfind("####")
     if hashes >= 0:
-        candidates.append(text[hashes + 4:].split("\n", 1)[0])
+        candidates.append((hashes, text[hashes + 4:].split("\n", 1)[0]))
+    box_at = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
     boxed = last_boxed_content(text)
     if boxed is not None:
-        candidates.append(boxed)
-    for segment in candidates:
+        candidates.append((box_at, boxed))
+    for _, segment in sorted(candidates, reverse=True):
         value = parse_number(segment)
         if value is not None:
             return format_number(value)

@@ -31,7 +31,7 @@ def read_rows(path: str | Path) -> list[tuple[str, dict]]:
 
 def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # tolerate a byte-order mark
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -48,7 +48,7 @@ def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
 
 def _read_json(path: Path) -> list[tuple[str, dict]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:
         raise TaskDataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
