@@ -20,6 +20,7 @@ setup(
         "tokenizers",
         "huggingface_hub",
         "datasets",
+        "pyarrow",
         "gguf",
         "sympy",
         "math-verify",
