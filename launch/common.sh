@@ -66,11 +66,11 @@ run() {
 # repo_relative FILE: the path of an existing FILE relative to the repository root; empty when the
 # file lies outside it.
 repo_relative() {
-  local dir
+  local dir rel
   dir=$(cd "$(dirname "$1")" && pwd -P) || return 0
   case "$dir/" in
     "$REPO_ROOT"/*)
-      local rel="${dir#"$REPO_ROOT"}/$(basename "$1")"
+      rel="${dir#"$REPO_ROOT"}/$(basename "$1")"
       printf '%s\n' "${rel#/}"
       ;;
   esac
