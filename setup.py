@@ -21,6 +21,7 @@ setup(
         "huggingface_hub",
         "datasets",
         "pyarrow",
+        "httpx2",  # HTTP client of the OpenAI-compatible teacher (also what google-genai uses)
         "gguf",
         "sympy",
         "math-verify",

@@ -20,8 +20,17 @@ from undo_jax.teachers.types import SampleResult, TeacherCallError, TeacherReque
 
 log = logging.getLogger("undo_jax.teachers")
 
-BLOCKING_FINISH_REASONS = {"SAFETY", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII", "RECITATION", "IMAGE_SAFETY",
-                           "MALFORMED_FUNCTION_CALL", "LANGUAGE", "OTHER"}
+BLOCKING_FINISH_REASONS = {
+    "SAFETY",
+    "PROHIBITED_CONTENT",
+    "BLOCKLIST",
+    "SPII",
+    "RECITATION",
+    "IMAGE_SAFETY",
+    "MALFORMED_FUNCTION_CALL",
+    "LANGUAGE",
+    "OTHER",
+}
 FINISH_REASON_NAMES = {"STOP": "stop", "MAX_TOKENS": "length"}
 TERMINAL_BATCH_STATES = {"JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED"}
 
@@ -76,7 +85,7 @@ class GeminiTeacher(AsyncAPITeacher):
         model: str = "gemini-2.5-flash",
         *,
         base_url: str | None = None,
-        api_version: str | None = None,
+        api_version: str = "v1beta",
         thinking_budget: int | None = None,
         include_thoughts: bool = False,
         batch_mode: bool = False,
@@ -125,6 +134,7 @@ class GeminiTeacher(AsyncAPITeacher):
             max_output_tokens=request.max_output_tokens,
             candidate_count=1,
             thinking_config=thinking,
+            automatic_function_calling=t.AutomaticFunctionCallingConfig(disable=True),
         )
 
     def classify_exception(self, exc: BaseException) -> TeacherCallError:
@@ -152,10 +162,11 @@ class GeminiTeacher(AsyncAPITeacher):
         return parse_candidate(response)
 
     async def _aclose(self) -> None:
-        try:
-            await self._client.aio.aclose()
-        except AttributeError:
-            pass
+        await self._client.aio.aclose()
+
+    def close(self) -> None:
+        super().close()
+        self._client.close()  # the sync HTTP client (used by the Batch API calls)
 
     # ---------------- Batch API: submit, poll, collect ----------------
     def _dispatch(self, requests, keys, units, on_result, progress) -> None:
@@ -171,28 +182,38 @@ class GeminiTeacher(AsyncAPITeacher):
             covered = {f"{k}:{s}" for k, s in job_units}
             if covered & wanted.keys():
                 log.info("gemini batch: resuming %s (%d requests)", job_name, len(job_units))
-                await self._collect_batch(job_name, wanted, on_result)
+                if not await self._collect_batch(job_name, wanted, on_result):
+                    for label in list(covered & wanted.keys()):
+                        on_result(wanted.pop(label), f"batch job {job_name} is not finished; re-run to collect it")
         if not wanted:
             return
         t = self._types
         inlined = []
-        for label, (i, s) in wanted.items():
+        for label, (i, _sample) in wanted.items():
             system, contents = to_gemini_contents(requests[i].messages)
-            inlined.append(t.InlinedRequest(model=self.model, contents=contents,
-                                            config=self._config(requests[i], system), metadata={"key": label}))
+            inlined.append(
+                t.InlinedRequest(
+                    model=self.model,
+                    contents=contents,
+                    config=self._config(requests[i], system),
+                    metadata={"key": label},
+                )
+            )
         job = await self._with_retries_sync(
-            lambda: self._client.batches.create(model=self.model, src=inlined,
-                                                config={"display_name": f"undo-{len(inlined)}"}))
+            lambda: self._client.batches.create(
+                model=self.model, src=inlined, config={"display_name": f"undo-{len(inlined)}"}
+            )
+        )
         if isinstance(job, str):  # submission finally failed: every unit records the error
             for label in list(wanted):
                 on_result(wanted.pop(label), f"batch submission failed: {job}")
             return
         if self.cache:
-            self.cache.record_batch_job(job.name, self.backend, self.model,
-                                        [label.rsplit(":", 1) for label in wanted])
-        await self._collect_batch(job.name, wanted, on_result)
-        for label in list(wanted):  # anything the job did not answer
-            on_result(wanted.pop(label), "batch job returned no response for this request")
+            self.cache.record_batch_job(job.name, self.backend, self.model, [label.rsplit(":", 1) for label in wanted])
+        finished = await self._collect_batch(job.name, wanted, on_result)
+        for label in list(wanted):  # anything the job did not answer (yet)
+            why = "returned no response for this request" if finished else "is not finished; re-run to collect it"
+            on_result(wanted.pop(label), f"batch job {job.name} {why}")
 
     async def _with_retries_sync(self, fn):
         """Run a blocking SDK call with the same retry policy; returns the result or an error string."""
@@ -208,25 +229,27 @@ class GeminiTeacher(AsyncAPITeacher):
             await asyncio.sleep(self.retry.delay(attempt, err.retry_after, self._rng))
             attempt += 1
 
-    async def _collect_batch(self, job_name: str, wanted: dict[str, Unit], on_result) -> None:
+    async def _collect_batch(self, job_name: str, wanted: dict[str, Unit], on_result) -> bool:
+        """Poll `job_name` until it ends, then hand its answers to `on_result`; False if it did not end."""
         start = time.monotonic()
         while True:
             job = await self._with_retries_sync(lambda: self._client.batches.get(name=job_name))
             if isinstance(job, str):
                 log.warning("gemini batch: polling %s failed: %s", job_name, job)
-                return  # left open in the cache; a re-run resumes polling
+                return False  # left open in the cache; a re-run resumes polling
             state = getattr(job.state, "value", job.state)
             if state in TERMINAL_BATCH_STATES:
                 break
             if time.monotonic() - start > self.batch_max_wait:
-                log.warning("gemini batch: %s still %s after %.0fs; a re-run resumes it", job_name, state,
-                            self.batch_max_wait)
-                return
+                log.warning(
+                    "gemini batch: %s still %s after %.0fs; a re-run resumes it", job_name, state, self.batch_max_wait
+                )
+                return False
             await asyncio.sleep(self.batch_poll_interval)
         inlined = (job.dest.inlined_responses if job.dest is not None else None) or []
         for item in inlined:
             label = (item.metadata or {}).get("key")
-            if label not in wanted:
+            if not label:
                 continue
             if item.error is not None:
                 result: SampleResult | str = scrub(f"batch item error: {item.error}", self.secrets())
@@ -235,9 +258,15 @@ class GeminiTeacher(AsyncAPITeacher):
                     result = parse_candidate(item.response)
                 except TeacherCallError as e:
                     result = str(e)
-            on_result(wanted.pop(label), result)
+            if label in wanted:
+                on_result(wanted.pop(label), result)
+            elif self.cache is not None and isinstance(result, SampleResult):
+                # Paid for by an earlier run but not asked for now: keep it for the run that will.
+                key, sample = label.rsplit(":", 1)
+                self.cache.put(key, int(sample), self.backend, self.model, result)
         if state != "JOB_STATE_SUCCEEDED":
             for label in list(wanted):
                 on_result(wanted.pop(label), f"batch job {job_name} ended in state {state}")
         if self.cache:
             self.cache.finish_batch_job(job_name, state)
+        return True

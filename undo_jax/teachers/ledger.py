@@ -66,9 +66,8 @@ class CostLedger:
 
     def to_dict(self) -> dict[str, dict]:
         with self._lock:
-            return {
-                f"{b}/{m}": {**asdict(e), "cost_usd": round(e.cost_usd, 6)} for (b, m), e in sorted(self._entries.items())
-            }
+            items = sorted(self._entries.items())
+            return {f"{b}/{m}": {**asdict(e), "cost_usd": round(e.cost_usd, 6)} for (b, m), e in items}
 
     @property
     def total_cost_usd(self) -> float:

@@ -28,8 +28,9 @@ class TokenBucket:
         self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
         self.stamp = now
         amount = min(float(amount), self.capacity)  # a single oversize request still goes, alone
-        if self.level >= amount:
-            self.level -= amount
+        # The tolerance absorbs float rounding: sleeping exactly the returned time must suffice.
+        if self.level >= amount - 1e-6:
+            self.level = max(0.0, self.level - amount)
             return 0.0
         return (amount - self.level) / self.rate
 

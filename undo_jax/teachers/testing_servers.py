@@ -5,8 +5,9 @@ them over TCP on 127.0.0.1.
 - Counts requests per prompt (the last user message) so tests can prove what was (re)sent.
 - Scripted faults per prompt, consumed one per attempt: "ok", "429[:seconds]" (Retry-After header
   and, for Gemini, a google.rpc.RetryInfo detail), "500", "503", "slow:seconds" (sleep, then
-  answer), "malformed" (HTTP 200 with broken JSON), "safety" (a blocked candidate), "empty"
-  (no candidates/choices), "drop" (close the connection without a response).
+  answer), "leak" (a 400 whose message echoes the caller's key), "malformed" (HTTP 200 with
+  broken JSON), "safety" (a blocked candidate), "empty" (no candidates/choices), "drop" (close
+  the connection without a response).
 - Runs in-process in a thread (`LoopbackServer(...).start()`) or as a subprocess
   (`python -m undo_jax.teachers.testing_servers --protocol gemini`, prints {"port": N}); the
   counters are then read over HTTP with `fetch_stats(base_url)`.
@@ -68,6 +69,7 @@ class _State:
                 "total": sum(self.counts.values()),
                 "total_completed": sum(self.completed.values()),
                 "auth_failures": self.auth_failures,
+                "batches": len(self.batches),
             }
 
 
@@ -92,8 +94,11 @@ def _gemini_answer(state: _State, body: dict, prompt: str) -> dict:
     )
     return {
         "candidates": [{"content": {"parts": [{"text": text}], "role": "model"}, "finishReason": finish, "index": 0}],
-        "usageMetadata": {"promptTokenCount": n_in, "candidatesTokenCount": _tokens(text),
-                          "totalTokenCount": n_in + _tokens(text)},
+        "usageMetadata": {
+            "promptTokenCount": n_in,
+            "candidatesTokenCount": _tokens(text),
+            "totalTokenCount": n_in + _tokens(text),
+        },
         "modelVersion": "loopback",
     }
 
@@ -166,7 +171,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?")[0]
         if path == "/_stats":
             return self._send(200, self.state.stats())
-        m = re.fullmatch(r"/v1beta/batches/([^/]+)", path)
+        m = re.fullmatch(r"/v1[a-z0-9]*/batches/([^/]+)", path)
         if m and self.protocol == "gemini":
             if not self._authorized():
                 return None
@@ -190,7 +195,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._authorized():
             return None
         if self.protocol == "gemini":
-            m = re.fullmatch(r"/v1beta/models/([^/:]+):(generateContent|batchGenerateContent)", path)
+            m = re.fullmatch(r"/v1[a-z0-9]*/models/([^/:]+):(generateContent|batchGenerateContent)", path)
             if m and m.group(2) == "generateContent":
                 return self._answer(body, _gemini_prompt(body), _gemini_answer)
             if m:
@@ -207,14 +212,22 @@ class _Handler(BaseHTTPRequestHandler):
         gemini = self.protocol == "gemini"
         if kind == "429":
             delay = arg or "1"
-            err = {"error": {"code": 429, "message": "Resource has been exhausted (e.g. check quota).",
-                             "status": "RESOURCE_EXHAUSTED",
-                             "details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo",
-                                          "retryDelay": f"{delay}s"}]}}
+            err = {
+                "error": {
+                    "code": 429,
+                    "message": "Resource has been exhausted (e.g. check quota).",
+                    "status": "RESOURCE_EXHAUSTED",
+                    "details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{delay}s"}],
+                }
+            }
             return self._send(429, err, headers={"Retry-After": delay})
         if kind in ("500", "503"):
             status = "INTERNAL" if kind == "500" else "UNAVAILABLE"
             return self._send(int(kind), {"error": {"code": int(kind), "message": "scripted fault", "status": status}})
+        if kind == "leak":
+            key = self.headers.get("x-goog-api-key") or self.headers.get("Authorization") or ""
+            msg = f"bad request from {key} at https://example.invalid/v1beta/models/x:generateContent?key={key}"
+            return self._send(400, {"error": {"code": 400, "message": msg, "status": "INVALID_ARGUMENT"}})
         if kind == "slow":
             time.sleep(float(arg or 5))
         if kind == "malformed":
@@ -225,13 +238,31 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         if kind == "safety":
             if gemini:
-                payload = {"candidates": [{"finishReason": "SAFETY", "index": 0, "safetyRatings": [
-                    {"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "HIGH", "blocked": True}]}],
-                    "usageMetadata": {"promptTokenCount": 3, "totalTokenCount": 3}}
+                payload = {
+                    "candidates": [
+                        {
+                            "finishReason": "SAFETY",
+                            "index": 0,
+                            "safetyRatings": [
+                                {"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "HIGH", "blocked": True}
+                            ],
+                        }
+                    ],
+                    "usageMetadata": {"promptTokenCount": 3, "totalTokenCount": 3},
+                }
             else:
-                payload = {"id": "x", "object": "chat.completion", "choices": [
-                    {"index": 0, "message": {"role": "assistant", "content": None}, "finish_reason": "content_filter"}],
-                    "usage": {"prompt_tokens": 3, "completion_tokens": 0, "total_tokens": 3}}
+                payload = {
+                    "id": "x",
+                    "object": "chat.completion",
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": None},
+                            "finish_reason": "content_filter",
+                        }
+                    ],
+                    "usage": {"prompt_tokens": 3, "completion_tokens": 0, "total_tokens": 3},
+                }
             return self._send(200, payload)
         if kind == "empty":
             if gemini:
@@ -250,17 +281,31 @@ class _Handler(BaseHTTPRequestHandler):
         reqs = ((batch.get("inputConfig") or {}).get("requests") or {}).get("requests") or []
         with self.state.lock:
             name = f"batches/loopback{len(self.state.batches) + 1}"
-            self.state.batches[name] = {"model": f"models/{model}", "requests": reqs, "polls": 0,
-                                        "display": batch.get("displayName", ""), "output": None}
+            self.state.batches[name] = {
+                "model": f"models/{model}",
+                "requests": reqs,
+                "polls": 0,
+                "display": batch.get("displayName", ""),
+                "output": None,
+            }
         return self._send(200, self._batch_view(name))
 
     def _batch_view(self, name: str) -> dict:
         b = self.state.batches[name]
-        state = "BATCH_STATE_PENDING" if b["output"] is None and b["polls"] == 0 else (
-            "BATCH_STATE_RUNNING" if b["output"] is None else "BATCH_STATE_SUCCEEDED")
-        meta = {"@type": "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch",
-                "name": name, "model": b["model"], "displayName": b["display"], "state": state,
-                "createTime": "2026-01-01T00:00:00Z", "updateTime": "2026-01-01T00:00:00Z"}
+        state = (
+            "BATCH_STATE_PENDING"
+            if b["output"] is None and b["polls"] == 0
+            else ("BATCH_STATE_RUNNING" if b["output"] is None else "BATCH_STATE_SUCCEEDED")
+        )
+        meta = {
+            "@type": "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch",
+            "name": name,
+            "model": b["model"],
+            "displayName": b["display"],
+            "state": state,
+            "createTime": "2026-01-01T00:00:00Z",
+            "updateTime": "2026-01-01T00:00:00Z",
+        }
         if b["output"] is not None:
             meta["output"] = {"inlinedResponses": {"inlinedResponses": b["output"]}}
         return {"name": name, "metadata": meta, "done": b["output"] is not None}
@@ -293,6 +338,11 @@ class _Handler(BaseHTTPRequestHandler):
         return self._send(200, self._batch_view(name))
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # the default backlog (5) drops SYNs under concurrency: 1 s connect stalls
+
+
 class LoopbackServer:
     """A Gemini- or OpenAI-protocol HTTP server on 127.0.0.1 in a background thread."""
 
@@ -311,8 +361,7 @@ class LoopbackServer:
         self.protocol = protocol
         self.state = _State(latency, api_key, script or {}, replies or {})
         handler = type("Handler", (_Handler,), {"state": self.state, "protocol": protocol})
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _Server(("127.0.0.1", port), handler)
         self._thread: threading.Thread | None = None
 
     @property
@@ -349,8 +398,13 @@ class LoopbackServer:
         self.stop()
 
 
-def start_server_subprocess(protocol: str = "gemini", *, latency: float = 0.0, api_key_env: str | None = None,
-                            script: dict[str, list[str]] | None = None) -> tuple[subprocess.Popen, str]:
+def start_server_subprocess(
+    protocol: str = "gemini",
+    *,
+    latency: float = 0.0,
+    api_key_env: str | None = None,
+    script: dict[str, list[str]] | None = None,
+) -> tuple[subprocess.Popen, str]:
     """Start a server in a child process; returns (process, base_url). The key, if any, is read by
     the child from the environment variable `api_key_env` (never passed on the command line)."""
     cmd = [sys.executable, "-m", "undo_jax.teachers.testing_servers", "--protocol", protocol, "--latency", str(latency)]
@@ -382,8 +436,12 @@ def post_script(base_url: str, script: dict[str, list[str]] | None = None, *, la
     payload: dict[str, Any] = {"script": script or {}}
     if latency is not None:
         payload["latency"] = latency
-    req = urllib.request.Request(_root(base_url) + "/_script", data=json.dumps(payload).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
+    req = urllib.request.Request(
+        _root(base_url) + "/_script",
+        data=json.dumps(payload).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
     with urllib.request.urlopen(req, timeout=10):
         pass
 
@@ -399,8 +457,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--script", default=None, help="JSON {prompt: [fault, ...]}")
     a = p.parse_args(argv)
     key = os.environ.get(a.api_key_env) if a.api_key_env else None
-    server = LoopbackServer(a.protocol, latency=a.latency, api_key=key,
-                            script=json.loads(a.script) if a.script else None, port=a.port)
+    server = LoopbackServer(
+        a.protocol, latency=a.latency, api_key=key, script=json.loads(a.script) if a.script else None, port=a.port
+    )
     print(json.dumps({"port": server.port}), flush=True)
     try:
         server.httpd.serve_forever()

@@ -30,7 +30,9 @@ class TeacherRequest:
             raise ValueError(f"{where}: messages must be a non-empty list of {{'role','content'}} dicts")
         for j, m in enumerate(self.messages):
             if not isinstance(m, dict) or m.get("role") not in VALID_ROLES or not isinstance(m.get("content"), str):
-                raise ValueError(f"{where}: messages[{j}] must be {{'role' in {VALID_ROLES}, 'content': str}}, got {m!r}")
+                raise ValueError(
+                    f"{where}: messages[{j}] must be {{'role' in {VALID_ROLES}, 'content': str}}, got {m!r}"
+                )
         if not any(m["role"] == "user" for m in self.messages):
             raise ValueError(f"{where}: messages hold no 'user' message")
         if self.num_samples < 1:
