@@ -123,11 +123,16 @@ class ModelConfig:
             )
         except KeyError as e:
             raise ConfigError(f"{where}: missing required key {e.args[0]!r}") from None
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ConfigError(f"{where}: malformed value ({e})") from None
         if d.get("mlp_bias"):
             raise ConfigError(f"{where}: mlp_bias=true is not supported")
         consumed = set(known) | {"rope_parameters", "head_dim", "architectures", "torch_dtype", "dtype"}
         extra = {k: v for k, v in d.items() if k not in consumed}
-        return cls(**known, extra=extra)
+        try:
+            return cls(**known, extra=extra)
+        except ConfigError as e:  # name the file in the checks __post_init__ makes
+            raise ConfigError(f"{where}: {e}") from None
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> ModelConfig:
@@ -136,6 +141,8 @@ class ModelConfig:
                 d = json.load(f)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: expected a JSON object, got {type(d).__name__}")
         return cls.from_hf_dict(d, where=str(path))
 
     def to_hf_dict(self, *, dtype: str = "float32") -> dict[str, Any]:

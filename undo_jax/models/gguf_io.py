@@ -110,13 +110,17 @@ def load_gguf(path: str, *, dtype, param_dtype, mesh=None, rules=None) -> Causal
 
     reader = _reader(path)
     config = gguf_config(reader, path)
+    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        # llama.cpp stores Llama 3.1+ rope scaling only as per-dimension factors; dropping them would
+        # silently change every logit, so refuse rather than guess the llama3 parameters back.
+        raise GGUFError(f"{path}: GGUF rope_freqs (Llama 3.1+ rope scaling) is not supported; "
+                        "load the Hugging Face checkpoint of this model instead")
     tensors = {}
     unknown = []
     for t in reader.tensors:
         name = _hf_name(t.name)
         if name is None:
-            if t.name != "rope_freqs.weight":
-                unknown.append(t.name)
+            unknown.append(t.name)
             continue
         tensors[name] = t
 

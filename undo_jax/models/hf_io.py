@@ -21,6 +21,7 @@ from undo_jax.models.weights import assemble, export_tensors
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "fp32": jnp.float32, "bf16": jnp.bfloat16,
            "float16": jnp.float16}
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def as_dtype(name):
@@ -159,4 +160,10 @@ def load_tokenizer(source):
         return load_gguf_tokenizer(path)
     if not os.path.isdir(path):
         raise ValueError(f"{path}: expected a Hugging Face model directory or a .gguf file")
-    return AutoTokenizer.from_pretrained(path)
+    if not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+        raise FileNotFoundError(f"{path}: no tokenizer in this directory (none of {', '.join(_TOKENIZER_FILES)})")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:  # transformers' messages span lines and may not name the folder
+        first = " ".join(str(e).split())
+        raise ValueError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {first})") from None

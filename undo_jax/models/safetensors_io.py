@@ -58,7 +58,6 @@ class SafetensorsFile:
     def __init__(self, path: str):
         self.path = path
         self.header, self._start = read_header(path)
-        self._mmap = np.memmap(path, dtype=np.uint8, mode="r") if self.header else None
 
     def keys(self):
         return self.header.keys()
@@ -69,8 +68,12 @@ class SafetensorsFile:
     def __getitem__(self, name: str) -> np.ndarray:
         info = self.header[name]
         begin, end = info["data_offsets"]
-        raw = self._mmap[self._start + begin : self._start + end]
-        return raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+        dtype, shape = np.dtype(_DTYPES[info["dtype"]]), tuple(info["shape"])
+        if end == begin:
+            return np.zeros(shape, dtype)
+        # One map per tensor, not one per file: its pages leave the process's RSS as soon as the caller
+        # drops the array, so a tensor-by-tensor loader never has the whole file resident next to the model.
+        return np.memmap(self.path, dtype=dtype, mode="r", offset=self._start + begin, shape=shape)
 
 
 def write_file(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:

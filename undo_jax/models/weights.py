@@ -108,7 +108,8 @@ def assemble(
         from undo_jax.sharding import param_shardings
 
         shardings = nnx.to_flat_state(param_shardings(model, mesh, rules))
-        shardings = {path: s for path, s in shardings}
+        # param_shardings keeps the state's Variables (each holding its NamedSharding): unwrap them.
+        shardings = {path: s.get_value() if isinstance(s, nnx.Variable) else s for path, s in shardings}
     specs = list(tensor_specs(config))
     expected = {s.hf_name for s in specs}
     problems = [f"missing tensor {name}" for name in sorted(expected - available)]
