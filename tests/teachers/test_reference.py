@@ -6,8 +6,9 @@ from fractions import Fraction
 
 import pytest
 
+from undo_jax.tasks import get_task
 from undo_jax.teachers import TeacherRequest, make_teacher
-from undo_jax.teachers.reference import equation_steps, format_number, gsm8k_rationale
+from undo_jax.teachers.reference import equation_steps, format_number, reference_rationale
 
 
 def test_equation_steps_innermost_first_exact():
@@ -37,10 +38,13 @@ def test_format_number():
 
 
 def test_gsm8k_rationale_drops_calculator_notes_and_final_line():
-    class R:
-        rationale = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nIn all 48+24 = <<48+24=72>>72.\n#### 72"
+    from undo_jax.tasks import Record
 
-    assert gsm8k_rationale(R) == "Natalia sold 48/2 = 24 clips in May.\nIn all 48+24 = 72."
+    record = Record(id="train/0", question="q", answer="72", meta={}, rationale=(
+        "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nIn all 48+24 = <<48+24=72>>72.\n#### 72"))
+    assert reference_rationale(get_task("gsm8k"), record) == (
+        "Natalia sold 48/2 = 24 clips in May.\nIn all 48+24 = 72.\nThe answer is 72."
+    )
 
 
 def test_gap_requests_and_metadata_state_that_gap_reports_are_ignored():

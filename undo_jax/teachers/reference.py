@@ -14,7 +14,6 @@ each ending in `task.final_answer_line(record.answer)`.
 from __future__ import annotations
 
 import ast
-import re
 from fractions import Fraction
 from typing import Any
 
@@ -26,7 +25,6 @@ GAP_REPORT_TEXT = (
     "The reference teacher does not analyse learning gaps: it writes every rationale from the "
     "dataset's gold solution and ignores gap reports."
 )
-_CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")
 _OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
 
 
@@ -91,16 +89,8 @@ def svamp_rationale(record) -> str:
     return "Let's compute step by step.\n" + "\n".join(steps)
 
 
-def gsm8k_rationale(record) -> str:
-    text = record.rationale or ""
-    body = text.rsplit("\n####", 1)[0] if "\n####" in text else re.sub(r"####.*$", "", text)
-    return _CALCULATOR_NOTE.sub("", body).strip()
-
-
-def mmlu_pro_rationale(record) -> str:
-    cot = (record.meta.get("cot_content") or "").strip()
-    if cot:
-        return re.sub(r"^A:\s*", "", cot)
+def _option_statement(task, record) -> str:
+    """MMLU-Pro test records have no CoT: state the correct option (no reasoning to imitate)."""
     options = record.meta.get("options") or []
     letter = str(record.answer).strip().strip("()")
     idx = ord(letter) - ord("A") if len(letter) == 1 and letter.isalpha() else -1
@@ -109,24 +99,25 @@ def mmlu_pro_rationale(record) -> str:
     return f"The correct option is ({letter})."
 
 
-RATIONALE_WRITERS = {
-    "gsm8k": gsm8k_rationale,
-    "math": lambda r: (r.rationale or "").strip(),
-    "svamp": svamp_rationale,
-    "mmlu_pro": mmlu_pro_rationale,
-}
-
-
 def reference_rationale(task, record) -> str:
-    """The gold rationale of `record`, ending in the task's final-answer line."""
+    """The gold rationale of `record`, ending in the task's final-answer line.
+
+    SVAMP's equation is rendered as worked steps here; the other tasks' gold solutions are
+    rewritten by the task itself (`Task.reference_rationale`: GSM8K without calculator notes,
+    MATH's solution, MMLU-Pro's CoT).
+    """
     name = getattr(task, "name", "")
-    if name not in RATIONALE_WRITERS:
-        raise ValueError(
-            f"reference teacher: no gold-rationale writer for task {name!r} (known: {', '.join(RATIONALE_WRITERS)})"
-        )
-    body = RATIONALE_WRITERS[name](record).rstrip()
+    if name == "svamp":
+        body = svamp_rationale(record)
+    else:
+        body = task.reference_rationale(record)
+        if body is None:
+            if name != "mmlu_pro":
+                raise ValueError(f"reference teacher: record {record.id!r} of task {name!r} has no gold solution")
+            body = _option_statement(task, record)
+    body = body.rstrip()
     final = task.final_answer_line(str(record.answer))
-    if body.endswith(final):  # e.g. an MMLU-Pro cot that already ends "The answer is (X)."
+    if body.endswith(final):  # the task's rewrite (or an MMLU-Pro CoT) already ends with it
         return body
     return f"{body}\n{final}" if body else final
 
