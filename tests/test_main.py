@@ -1,0 +1,115 @@
+"""`python -m undo_jax.main`: flags are validated before any work, and bad input stops the run with one line
+(exit 2 for flags, 1 for everything else) while the run directory stays usable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from undo_jax.flags import RunConfig, validate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_main(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
+    return subprocess.run([sys.executable, "-m", "undo_jax.main", *args], cwd=REPO, env=full_env, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("undo_jax.main: error:")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--run_dir=x", "--student=s", "--no_such_flag=1"], "no_such_flag"),
+    (["--run_dir=x", "--student=s", "--mode=fast"], "mode"),
+    (["--run_dir=x", "--student=s", "--batch_size=12", "--micro_batch=8"], "--micro_batch: 8 does not divide"),
+    (["--student=s"], "--run_dir: is required"),
+    (["--run_dir=x", "--student=s", "--task=gsm8k", "--data_source=demo"], "--data_source: 'demo'"),
+    (["--run_dir=x", "--student=s", "--teacher=openai"], "--teacher_model: is required"),
+    (["--run_dir=x", "--student=s", "--maj_k=4", "--eval_temperature=0"], "--eval_temperature"),
+    (["--flagfile=/nonexistent/undo.cfg"], "nonexistent"),
+])
+def test_bad_flags_stop_with_one_line(tmp_path, args, needle):
+    proc = run_main(*[a.replace("--run_dir=x", f"--run_dir={tmp_path / 'run'}") for a in args])
+    assert proc.returncode == 2
+    assert needle in error_line(proc)
+    assert not (tmp_path / "run").exists()  # nothing was created
+
+
+def test_flags_round_trip_through_flags_txt():
+    cfg = validate(RunConfig(run_dir="r", student="s", data_source="demo", lr=3e-4, eval_base=False))
+    from undo_jax.flags import FLAGS, config_from_flags
+
+    FLAGS.unparse_flags()
+    FLAGS(["prog", *cfg.to_flag_lines()])
+    try:
+        assert config_from_flags() == cfg
+    finally:
+        FLAGS.unparse_flags()
+
+
+def test_missing_data_file(tmp_path):
+    proc = run_main(f"--run_dir={tmp_path / 'run'}", "--student=s", f"--data_source={tmp_path / 'nope.jsonl'}")
+    assert proc.returncode == 1
+    assert "nope.jsonl" in error_line(proc)
+    # The directory holds only the flags: the corrected command reuses it.
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["flags.txt", "identity.json"]
+
+
+def test_gemini_without_api_key(tmp_path):
+    env = {"GEMINI_API_KEY": "", "GOOGLE_API_KEY": ""}
+    proc = run_main(f"--run_dir={tmp_path / 'run'}", "--student=s", "--data_source=demo", "--val_size=20",
+                    "--teacher=gemini", env=env)
+    assert proc.returncode == 1
+    assert "GEMINI_API_KEY" in error_line(proc)
+
+
+def test_unwritable_run_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    proc = run_main(f"--run_dir={blocker / 'run'}", "--student=s", "--data_source=demo", "--val_size=20")
+    assert proc.returncode == 1
+    assert "not writable" in error_line(proc)
+
+
+def test_different_flags_on_an_existing_run_are_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [f"--run_dir={run_dir}", "--student=missing-student-dir", "--data_source=demo", "--val_size=20"]
+    first = run_main(*args)
+    assert first.returncode == 1 and "missing-student-dir" in error_line(first)
+    second = run_main(*args, "--lr=0.5")
+    assert second.returncode == 1
+    assert "--lr" in error_line(second) and "--allow_flag_change" in error_line(second)
+    third = run_main(*args, "--lr=0.5", "--allow_flag_change")
+    assert "--lr" not in error_line(third)  # accepted; fails later on the student, as it should
+
+
+@pytest.mark.parametrize("alias", ["smollm2-gguf", "@smollm2"])
+def test_symbolic_student_resolves_to_the_wheel_gguf(alias, smollm2_gguf):
+    from undo_jax.flags import resolve_student
+
+    assert resolve_student(alias) == smollm2_gguf
+    assert resolve_student("some/dir") == "some/dir"
+
+
+def test_config_files_parse_and_validate():
+    from undo_jax.main import parse
+
+    for path in sorted((REPO / "configs").glob("*.cfg")):
+        from undo_jax.flags import FLAGS
+
+        FLAGS.unparse_flags()
+        try:
+            cfg = parse(["prog", f"--flagfile={path}"])
+        finally:
+            FLAGS.unparse_flags()
+        assert cfg.task in path.stem or path.stem == "demo"
+        assert cfg.run_dir.startswith("runs/")
