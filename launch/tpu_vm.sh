@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run undo_jax on a Cloud TPU VM (one host or a pod slice) with gcloud. See docs/notes/launch.md.
+# Run undo_jax on a Cloud TPU VM (one host or a pod slice) with gcloud. See BUILD_NOTES.md (launch section).
 set -euo pipefail
 # shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"

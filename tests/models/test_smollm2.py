@@ -98,7 +98,7 @@ def test_logits_match_transformers_on_real_prompts(smollm2):
     print(f"\nSmolLM2-135M-Instruct GGUF, {len(rows)} prompts, {total} positions: "
           f"top-1 agreement {agree / total:.4%}, max |logit diff| {max_diff:.3g}")
     assert agree / total >= 0.99
-    assert max_diff <= 1e-2  # fp32 through 30 layers; measured ~1e-4 (docs/notes/models.md)
+    assert max_diff <= 1e-2  # fp32 through 30 layers; measured ~1e-4 (BUILD_NOTES.md)
 
 
 def test_gguf_to_hf_export_matches_transformers_gguf(smollm2, tmp_path):

@@ -73,7 +73,7 @@ DATASETS = [
     ("mmlu_pro", "train", "mmlu_pro"),
     ("mmlu_pro", "test", "mmlu_pro"),
 ]
-# Records the gold data itself cannot score (documented in docs/notes/teachers.md). The two MATH
+# Records the gold data itself cannot score (documented in BUILD_NOTES.md). The two MATH
 # train problems with an empty \boxed{} upstream would be here, but the math task already drops them.
 KNOWN_EXCEPTIONS: set[tuple[str, str]] = set()
 
