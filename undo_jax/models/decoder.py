@@ -246,6 +246,15 @@ class CausalLM(nnx.Module):
 
         Query t attends slot s iff kv_valid[b, s] and s <= cache_index + t.
         """
+        hidden, new_cache = self.decode_hidden(input_ids, positions, cache, cache_index, kv_valid)
+        return self.logits_from_hidden(hidden), new_cache
+
+    def decode_hidden(self, input_ids, positions, cache, cache_index, kv_valid):
+        """`decode_step` without the vocabulary projection: (final-norm hidden states [B,T,D], cache).
+
+        A prefill needs only the last position's logits; projecting all of them would cost far more
+        than the rest of the step.
+        """
         t = input_ids.shape[1]
         s = cache[0][0].shape[1]
         slots = jnp.arange(s)[None, :]
@@ -257,4 +266,4 @@ class CausalLM(nnx.Module):
         for layer, layer_cache in zip(self.layers, cache, strict=True):
             x, layer_cache = layer.decode(x, cos, sin, mask, layer_cache, cache_index)
             new_cache.append(layer_cache)
-        return self.logits_from_hidden(self.norm(x)), new_cache
+        return self.norm(x), new_cache

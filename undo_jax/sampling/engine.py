@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from undo_jax.models.decoder import rope_cos_sin, rope_inv_freq
 from undo_jax.sampling.sample import SamplingSettings, choose_tokens
 
 # Finish codes returned per row by the decode loop.
@@ -40,30 +39,13 @@ class DecodeSettings:
     stop_at_end: bool = True  # False: ignore end tokens (benchmarks run the full length)
 
 
-def _prefill_hidden(model, input_ids, positions, cache, kv_valid):
-    """`CausalLM.decode_step` at cache_index 0 without the vocabulary projection.
-
-    The prefill only needs the logits of the last position; projecting all P positions onto the
-    vocabulary would cost P times more than the whole last-token step (XLA does not push the
-    slice through the matmul).
-    """
-    t, s = input_ids.shape[1], cache[0][0].shape[1]
-    mask = kv_valid[:, None, :] & (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None])[None]
-    cos, sin = rope_cos_sin(positions, rope_inv_freq(model.config))
-    x = model.embed(input_ids)
-    new_cache = []
-    for layer, layer_cache in zip(model.layers, cache, strict=True):
-        x, layer_cache = layer.decode(x, cos, sin, mask, layer_cache, 0)
-        new_cache.append(layer_cache)
-    return model.norm(x[:, -1]), new_cache
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
 def prefill(graphdef, state, cache, input_ids, positions, kv_valid):
     """-> (logits of the last prompt position [B, V] float32, cache with the prompts written)."""
     model = nnx.merge(graphdef, state)
-    hidden, cache = _prefill_hidden(model, input_ids, positions, cache, kv_valid)
-    return model.logits_from_hidden(hidden), cache
+    # Project only the last position onto the vocabulary (XLA does not push the slice through the matmul).
+    hidden, cache = model.decode_hidden(input_ids, positions, cache, 0, kv_valid)
+    return model.logits_from_hidden(hidden[:, -1]), cache
 
 
 def _stop_hits(window, stop_table):
