@@ -24,6 +24,12 @@ def last_boxed_content(text: str) -> str | None:
         return m.group(1).rstrip(".") if m else None
     if not text.startswith("{", i):
         return None
+    j = _matching_brace(text, i)
+    return None if j is None else text[i + 1:j].strip()
+
+
+def _matching_brace(text: str, i: int) -> int | None:
+    """Index of the "}" that closes the "{" at text[i], or None if it never closes."""
     depth = 0
     for j in range(i, len(text)):
         if text[j] == "{":
@@ -31,7 +37,7 @@ def last_boxed_content(text: str) -> str | None:
         elif text[j] == "}":
             depth -= 1
             if depth == 0:
-                return text[i + 1:j].strip()
+                return j
     return None
 
 
@@ -43,17 +49,10 @@ def _unwrap_command(s: str, command: str) -> str:
         if start < 0:
             return out
         i = start + len(command)
-        depth = 0
-        for j in range(i, len(out)):
-            if out[j] == "{":
-                depth += 1
-            elif out[j] == "}":
-                depth -= 1
-                if depth == 0:
-                    out = out[:start] + out[i + 1:j] + out[j + 1:]
-                    break
-        else:
+        j = _matching_brace(out, i)
+        if j is None:
             return out
+        out = out[:start] + out[i + 1:j] + out[j + 1:]
 
 
 def _fix_fracs(s: str) -> str:
