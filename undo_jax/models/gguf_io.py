@@ -6,7 +6,6 @@ placed by `weights.assemble` like any safetensors tensor.
 
 from __future__ import annotations
 
-import os
 import re
 
 import numpy as np
@@ -140,15 +139,11 @@ def load_gguf(path: str, *, dtype, param_dtype, mesh=None, rules=None) -> Causal
 
 
 def load_gguf_tokenizer(path: str):
-    """The HF fast tokenizer transformers builds from GGUF metadata, with the GGUF chat template."""
-    from transformers import AutoTokenizer
+    """The tokenizer described by the GGUF's metadata, with its chat template (built without torch)."""
+    from undo_jax.models.gguf_tokenizer import load_gguf_tokenizer as build
 
     reader = _reader(path)  # validates the file first, for a one-line error
     arch = _field(reader, "general.architecture")
     if arch not in _ARCHES:
         raise GGUFError(f"{path}: unsupported GGUF architecture {arch!r}; supported: {', '.join(_ARCHES)}")
-    tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
-    template = _field(reader, "tokenizer.chat_template")
-    if template and not getattr(tok, "chat_template", None):
-        tok.chat_template = template
-    return tok
+    return build(path, reader)
