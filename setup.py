@@ -18,6 +18,7 @@ setup(
         "tqdm",
         "transformers>=5",
         "tokenizers",
+        "jinja2",  # chat templates (transformers imports it lazily)
         "huggingface_hub",
         "datasets",
         "pyarrow",

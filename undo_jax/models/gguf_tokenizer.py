@@ -53,7 +53,7 @@ def _byte_alphabet() -> dict[int, str]:
             printable.append(b)
             chars.append(256 + extra)
             extra += 1
-    return dict(zip(printable, map(chr, chars)))
+    return dict(zip(printable, map(chr, chars), strict=True))
 
 
 def _string_array(reader, key) -> list[str] | None:
@@ -150,7 +150,9 @@ def _sentencepiece_bpe(meta: dict, where: str):
     else:
         if meta["scores"] is None:
             raise GGUFTokenizerError(f"{where}: GGUF llama tokenizer has neither merges nor scores")
-        merges = merges_from_scores(tokens, dict(zip(tokens, meta["scores"])))
+        if len(meta["scores"]) != len(tokens):
+            raise GGUFTokenizerError(f"{where}: GGUF has {len(meta['scores'])} token scores for {len(tokens)} tokens")
+        merges = merges_from_scores(tokens, dict(zip(tokens, meta["scores"], strict=True)))
     if gemma:
         unk = tokens[meta["unk_token_id"]] if meta["unk_token_id"] is not None else "<unk>"
         tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, unk_token=unk, dropout=None,
@@ -180,15 +182,17 @@ def build_tokenizer(meta: dict, where: str):
     if not meta["tokens"]:
         raise GGUFTokenizerError(f"{where}: GGUF metadata has no tokenizer.ggml.tokens")
     tok, spelled = _BUILDERS[kind](meta, where)
-    types = meta["token_type"] or ()
+    types = meta["token_type"] or [1] * len(meta["tokens"])  # 1: NORMAL
+    if len(types) != len(meta["tokens"]):
+        raise GGUFTokenizerError(f"{where}: GGUF has {len(types)} token types for {len(meta['tokens'])} tokens")
     # Control tokens stay whole and are special. In a byte-level vocab a control token spelled outside the
     # byte alphabet is a converter mislabel, and adding it would grow the vocab past the model's rows.
-    control = [AddedToken(t, normalized=False, special=True) for t, ty in zip(meta["tokens"], types)
+    control = [AddedToken(t, normalized=False, special=True) for t, ty in zip(meta["tokens"], types, strict=True)
                if ty == _CONTROL and (spelled is None or set(t) <= spelled)]
     if control:
         tok.add_special_tokens(control)
     vocab = tok.get_vocab()
-    user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(meta["tokens"], types)
+    user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(meta["tokens"], types, strict=True)
             if ty == _USER_DEFINED and t in vocab]
     if user:
         tok.add_tokens(user)
