@@ -1,0 +1,196 @@
+"""Teacher logits for white-box distillation: one teacher-forced pass, stored sparsely on disk, computed once.
+
+For every training example (a `TokenizedExample`: prompt then completion ids), the teacher reads the
+exact ids the student trains on, and for each completion token we keep the teacher's top-k
+log-probabilities and ids for that position plus the log of the remaining mass (`distill_loss`).
+
+On disk, under `root/<teacher and k fingerprint>/`, each computed batch is one `.npz` shard written to a
+temporary name and renamed into place: a killed pass loses at most the batch in flight, and a re-run
+computes only the examples no shard holds. An example is found by its id *and* a key hashing the
+teacher's identity, k and its token ids, so an example whose tokens changed is recomputed rather than
+served stale. Per completion token: k int32 ids + k float32 log-probs + one float32 tail = 8k + 4 bytes
+(260 B at k = 32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from undo_jax.train.data import TokenizedExample, length_bucket
+from undo_jax.train.distill_loss import sparse_top_k
+
+
+class TeacherLogitsError(ValueError):
+    """A teacher-logit store that cannot be used as asked (one-line message naming the folder)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseTargets:
+    """The teacher's sparse distribution for each completion token of one example."""
+
+    top_logp: np.ndarray  # float32 [m, k]
+    top_ids: np.ndarray  # int32 [m, k]
+    log_tail: np.ndarray  # float32 [m]
+
+    def __len__(self) -> int:
+        return len(self.log_tail)
+
+
+def example_key(teacher_id: str, k: int, example: TokenizedExample) -> str:
+    """What must match for stored logits to be reused: teacher, k, token ids and where the completion starts."""
+    h = hashlib.sha256(f"{teacher_id}\0{k}\0{example.completion_start}\0".encode())
+    h.update(np.asarray(example.ids, np.int32).tobytes())
+    return h.hexdigest()[:32]
+
+
+class TeacherLogitStore:
+    """Shards of sparse teacher targets for one (teacher, k) under `root`."""
+
+    def __init__(self, root: str | os.PathLike, teacher_id: str, k: int):
+        if k < 1:
+            raise TeacherLogitsError(f"{root}: top-k must be >= 1, got {k}")
+        self.teacher_id, self.k = teacher_id, int(k)
+        tag = hashlib.sha256(f"{teacher_id}\0{k}".encode()).hexdigest()[:16]
+        self.folder = Path(root) / f"k{k}-{tag}"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._where: dict[str, tuple[Path, int]] = {}  # example key -> (shard, index in shard)
+        self._open: dict[Path, dict[str, np.ndarray]] = {}
+        for shard in sorted(self.folder.glob("shard-*.npz")):
+            try:
+                with np.load(shard) as z:
+                    keys = [str(x) for x in z["keys"]]
+            except Exception as e:  # a shard is renamed into place whole, so this is outside damage
+                raise TeacherLogitsError(f"{shard}: unreadable teacher-logit shard ({type(e).__name__}); "
+                                         "delete it to recompute its examples") from None
+            for i, key in enumerate(keys):
+                self._where[key] = (shard, i)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def write(self, items: Sequence[tuple[str, SparseTargets]]) -> Path:
+        """Write one shard (atomically) holding `items` [(key, targets)]; returns its path."""
+        if not items:
+            raise ValueError("write: no items")
+        lengths = np.asarray([len(t) for _, t in items], np.int64)
+        arrays = {
+            "keys": np.asarray([key for key, _ in items]),
+            "offsets": np.concatenate([[0], np.cumsum(lengths)]),
+            "top_logp": np.concatenate([t.top_logp for _, t in items]).astype(np.float32),
+            "top_ids": np.concatenate([t.top_ids for _, t in items]).astype(np.int32),
+            "log_tail": np.concatenate([t.log_tail for _, t in items]).astype(np.float32),
+        }
+        index = len(list(self.folder.glob("shard-*.npz")))
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-shard-", suffix=".npz")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            shard = self.folder / f"shard-{index:06d}-{os.getpid()}.npz"
+            os.replace(tmp, shard)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        for i, (key, _) in enumerate(items):
+            self._where[key] = (shard, i)
+        return shard
+
+    def get(self, key: str) -> SparseTargets:
+        if key not in self._where:
+            raise KeyError(f"{self.folder}: no teacher logits for example key {key}")
+        shard, i = self._where[key]
+        if shard not in self._open:
+            with np.load(shard) as z:
+                self._open[shard] = {name: z[name] for name in ("offsets", "top_logp", "top_ids", "log_tail")}
+        z = self._open[shard]
+        a, b = int(z["offsets"][i]), int(z["offsets"][i + 1])
+        return SparseTargets(z["top_logp"][a:b], z["top_ids"][a:b], z["log_tail"][a:b])
+
+
+def _sparse_program(model_graphdef, k: int):
+    from flax import nnx
+
+    @jax.jit
+    def run(params, tokens, positions, segment_ids):
+        model = nnx.merge(model_graphdef, params)
+        hidden = model.hidden_states(tokens, positions=positions, segment_ids=segment_ids)
+        # One row's [length, vocab] logits at a time: the full [rows, length, vocab] never exists.
+        return jax.lax.map(lambda h: sparse_top_k(model.logits_from_hidden(h), k), hidden)
+
+    return run
+
+
+def compute_teacher_logits(teacher, examples: Mapping[str, TokenizedExample], store: TeacherLogitStore, *,
+                           batch_size: int = 8, mesh=None, progress: bool = False) -> dict[str, int]:
+    """Fill `store` for every example it lacks; returns {"computed", "reused"} example counts.
+
+    teacher: a `CausalLM` (sharded on `mesh` like a student, if given). Batches are length-sorted and
+    padded to a few bucket lengths; with a mesh their rows are split over the batch axes.
+    """
+    from flax import nnx
+
+    from undo_jax.sharding import batch_sharding
+
+    for eid, ex in examples.items():
+        if not 1 <= ex.completion_start < len(ex):
+            raise TeacherLogitsError(f"{store.folder}: example {eid!r} has no prompt token before its completion "
+                                     f"or no completion (completion_start={ex.completion_start}, length={len(ex)})")
+    keys = {eid: example_key(store.teacher_id, store.k, ex) for eid, ex in examples.items()}
+    todo = sorted((eid for eid in examples if keys[eid] not in store), key=lambda e: len(examples[e]))
+    if store.k > teacher.config.vocab_size:
+        raise TeacherLogitsError(f"{store.folder}: top-k {store.k} exceeds the teacher's vocabulary "
+                                 f"({teacher.config.vocab_size})")
+    graphdef, params = nnx.split(teacher)
+    run = _sparse_program(graphdef, store.k)
+    rows = batch_size
+    sharding = None
+    if mesh is not None:
+        sharding = batch_sharding(mesh)
+        split = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
+        rows = -(-batch_size // split) * split
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), desc="teacher logits", unit="ex")
+    for start in range(0, len(todo), batch_size):
+        group = todo[start:start + batch_size]
+        longest = max(len(examples[e]) for e in group)
+        length = length_bucket(longest, 1 << 30)
+        tokens = np.zeros((rows, length), np.int32)
+        segment_ids = np.zeros((rows, length), np.int32)
+        for r, eid in enumerate(group):
+            ids = np.asarray(examples[eid].ids, np.int32)
+            tokens[r, :len(ids)] = ids
+            segment_ids[r, :len(ids)] = 1
+        positions = np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length))
+        args = [jnp.asarray(a) for a in (tokens, positions, segment_ids)]
+        if sharding is not None:
+            args = [jax.device_put(a, sharding) for a in args]
+        top_logp, top_ids, log_tail = (np.asarray(x) for x in run(params, *args))
+        items = []
+        for r, eid in enumerate(group):
+            ex = examples[eid]
+            # Position j - 1 predicts token j: the completion tokens ids[start:] are predicted at start-1 .. n-2.
+            sl = slice(ex.completion_start - 1, len(ex) - 1)
+            items.append((keys[eid], SparseTargets(top_logp[r, sl], top_ids[r, sl], log_tail[r, sl])))
+        store.write(items)
+        if bar is not None:
+            bar.update(len(group))
+    if bar is not None:
+        bar.close()
+    return {"computed": len(todo), "reused": len(examples) - len(todo)}
