@@ -162,3 +162,24 @@ def test_kill_during_the_pass_resumes_to_the_same_store(tmp_path):
         x, y = a.get(key), b.get(key)
         for name in ("top_logp", "top_ids", "log_tail"):
             np.testing.assert_array_equal(getattr(x, name), getattr(y, name))
+
+
+def test_vocabulary_check_names_both_models_and_the_first_difference():
+    from tests.train.helpers import tiny_config, tiny_tokenizer
+    from undo_jax.train.teacher_logits import check_same_vocabulary
+
+    tok = tiny_tokenizer()
+    cfg = tiny_config()
+    check_same_vocabulary("T", cfg, tok, "S", cfg, tiny_tokenizer(), probe="abc 12")  # same: no error
+    # Extra embedding rows past the tokenizer (alignment padding) do not count.
+    check_same_vocabulary("T", tiny_config(vocab_size=160), tok, "S", cfg, tok, probe="abc")
+    smaller = tiny_config(vocab_size=len(tok) - 1)
+    with pytest.raises(TeacherLogitsError, match=r"teacher T has \d+ tokens, student S has \d+") as info:
+        check_same_vocabulary("T", cfg, tok, "S", smaller, tok)
+    assert "\n" not in str(info.value)
+
+    with_ab, with_zz = tiny_tokenizer(), tiny_tokenizer()
+    with_ab.add_tokens(["ab"])  # same size, but "ab" is one token for the teacher only
+    with_zz.add_tokens(["zz"])
+    with pytest.raises(TeacherLogitsError, match=r"tokenize the probe text differently from token 0"):
+        check_same_vocabulary("T", cfg, with_ab, "S", cfg, with_zz, probe="abc")

@@ -194,3 +194,31 @@ def compute_teacher_logits(teacher, examples: Mapping[str, TokenizedExample], st
     if bar is not None:
         bar.close()
     return {"computed": len(todo), "reused": len(examples) - len(todo)}
+
+
+PROBE_TEXT = ("Tom has 3 apples and buys 12 more; how many now? Let's think step by step. 3 + 12 = 15.\n"
+              "The answer is 15. ½ café 日本 🤖 <think> \\boxed{x^2}")
+
+
+def check_same_vocabulary(teacher_name: str, teacher_config, teacher_tokenizer, student_name: str, student_config,
+                          student_tokenizer, probe: str = PROBE_TEXT) -> None:
+    """Logit distillation compares distributions id by id: the two models must share one vocabulary.
+
+    Raises a one-line `TeacherLogitsError` naming both models and the first difference. Vocabulary sizes
+    are compared after dropping padding rows (embedding rows past the tokenizer's length, which some
+    checkpoints add for alignment); cross-tokenizer distillation is out of scope.
+    """
+    def size(config, tokenizer):
+        return min(int(config.vocab_size), len(tokenizer))
+
+    ts, ss = size(teacher_config, teacher_tokenizer), size(student_config, student_tokenizer)
+    if ts != ss:
+        raise TeacherLogitsError(f"logit distillation needs one vocabulary: teacher {teacher_name} has {ts} tokens, "
+                                 f"student {student_name} has {ss}")
+    a = list(teacher_tokenizer(probe, add_special_tokens=False)["input_ids"])
+    b = list(student_tokenizer(probe, add_special_tokens=False)["input_ids"])
+    if a != b:
+        i = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        raise TeacherLogitsError(
+            f"logit distillation needs one vocabulary: teacher {teacher_name} and student {student_name} tokenize "
+            f"the probe text differently from token {i} (teacher ids {a[i:i + 3]}, student ids {b[i:i + 3]})")
