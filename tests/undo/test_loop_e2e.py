@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.undo.scripted_teacher import GAP_MARKER, ScriptedTeacher
-from undo_jax.flags import RunConfig, validate
+from undo_jax.config import RunConfig, run_config
 from undo_jax.undo import RunDir, run
 from undo_jax.undo.rundir import read_jsonl
 
@@ -24,7 +24,7 @@ def tiny_config(run_dir: Path, student: Path, **overrides) -> RunConfig:
                 max_length=256, max_new_tokens=12, eval_batch_size=16, eval_chunk=8, max_iterations=2,
                 diagnosis_examples=5, rewrite_examples=2, teacher="reference")
     base.update(overrides)
-    return validate(RunConfig(**base))
+    return run_config(**base)
 
 
 def number(row_id: str) -> int:

@@ -157,7 +157,7 @@ def read_flags(rd: RunDir) -> dict[str, Any]:
 def write_report(rd: RunDir, cfg=None, *, baseline_dir: str | None = None) -> Path:
     """Write report.md and accuracy.png for `rd` (with the baseline run beside it, if any)."""
     flags = read_flags(rd)
-    baseline_dir = baseline_dir or (cfg.baseline_run if cfg is not None else None)
+    baseline_dir = baseline_dir or (cfg.output.baseline_run if cfg is not None else None)
     baseline = load_metrics(RunDir(baseline_dir)) if baseline_dir else None
     metrics = load_metrics(rd)
     state = json.loads(rd.state_path.read_text()) if rd.state_path.is_file() else {}

@@ -1,10 +1,10 @@
 """The run directory: paths, atomic writes, stage completion markers and the flags.txt guard.
 
-Layout (DESIGN.md): flags.txt, teacher_cache.sqlite, metrics.jsonl, report.md, accuracy.png, final/,
-and per iteration iter_K/ with data.jsonl, gaps.md, checkpoint/ (Orbax, the trainer's), student/ (HF
-export used to hand the student to the next stage), eval_val.jsonl, eval_test.jsonl, train_log.jsonl and
-`<stage>.DONE` markers. A marker is written only after the stage's outputs are in place (each written to a
-temporary file and renamed), so a marker always means "complete" and a kill never leaves a half file.
+Layout (docs/DESIGN.md): flags.txt and config.json (the resolved configuration tree), identity.json,
+teacher_cache.sqlite, metrics.jsonl, report.md, accuracy.png, final/, and per iteration iter_K/ with
+data.jsonl, gaps.md, checkpoint/ (Orbax, the trainer's), eval_val.jsonl, eval_test.jsonl, train_log.jsonl
+and `<stage>.DONE` markers. A marker is written only after the stage's outputs are in place (each written to
+a temporary file and renamed), so a marker always means "complete" and a kill never leaves a half file.
 """
 
 from __future__ import annotations
@@ -87,6 +87,10 @@ class RunDir:
         return self.root / "flags.txt"
 
     @property
+    def config_path(self) -> Path:
+        return self.root / "config.json"
+
+    @property
     def cache_path(self) -> Path:
         return self.root / "teacher_cache.sqlite"
 
@@ -144,11 +148,13 @@ class RunDir:
         return sorted(out)
 
     # ----- creation and the flags guard -------------------------------------------------------------------
-    def prepare(self, flag_lines: list[str], identity: dict[str, Any], *, allow_change: bool) -> bool:
+    def prepare(self, flag_lines: list[str], identity: dict[str, Any], *, allow_change: bool,
+                defaults: dict[str, Any] | None = None) -> bool:
         """Create (or reopen) the directory; returns True when it already held a run.
 
         A new directory gets flags.txt and identity.json. An existing one must have been made with the same
-        identity flags, unless `allow_change` (then the new flags are recorded beside the old ones).
+        identity flags, unless `allow_change` (then the new flags are recorded beside the old ones). A setting
+        missing from an older identity.json had its value in `defaults` (it did not exist yet).
         """
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -164,6 +170,7 @@ class RunDir:
                 old = json.loads(identity_path.read_text(encoding="utf-8"))
             except json.JSONDecodeError:
                 raise RunDirError(f"{identity_path}: corrupt (not JSON); cannot check the flags of this run") from None
+            old = {**{k: v for k, v in (defaults or {}).items() if k not in old}, **old}
             changed = [k for k in sorted(set(old) | set(identity)) if old.get(k) != identity.get(k)]
             if changed and not allow_change:
                 k = changed[0]

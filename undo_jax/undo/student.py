@@ -8,28 +8,18 @@ chunk; chunk boundaries and sampling seeds are fixed, so a resumed evaluation eq
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-from undo_jax.flags import resolve_student
+from undo_jax.config import EvalSettings, resolve_student
+from undo_jax.errors import one_line
 from undo_jax.undo.rundir import append_jsonl_durable, atomic_write_jsonl, read_jsonl
 
 
 class StudentError(RuntimeError):
     """A student source that cannot be loaded (message: one line naming the source)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalSettings:
-    max_new_tokens: int = 256
-    maj_k: int = 1
-    temperature: float = 0.7  # only used when maj_k > 1 (maj@1 is greedy)
-    batch_size: int = 32
-    chunk: int = 64
-    seed: int = 0
 
 
 def run_iteration_dir(source: str) -> tuple[Path, int] | None:
@@ -54,12 +44,7 @@ def load_model(source: str, *, param_dtype: str = "float32", mesh=None):
         # With a mesh each tensor goes straight to its sharded placement (never the whole model twice on host).
         return load_pretrained(resolved, dtype=param_dtype, mesh=mesh)
     except (OSError, ValueError, KeyError) as e:
-        raise StudentError(f"{source}: cannot load the student ({type(e).__name__}: {_first_line(e)})") from None
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else ""
+        raise StudentError(f"{source}: cannot load the student ({type(e).__name__}: {one_line(e)})") from None
 
 
 def load_tokenizer(source: str):
@@ -68,7 +53,7 @@ def load_tokenizer(source: str):
     try:
         return _load(resolve_student(source))
     except (OSError, ValueError, KeyError) as e:
-        raise StudentError(f"{source}: cannot load the tokenizer ({type(e).__name__}: {_first_line(e)})") from None
+        raise StudentError(f"{source}: cannot load the tokenizer ({type(e).__name__}: {one_line(e)})") from None
 
 
 def restore_into(model, checkpoint_dir: str | os.PathLike):
@@ -78,10 +63,10 @@ def restore_into(model, checkpoint_dir: str | os.PathLike):
     try:
         return restore_model(model, checkpoint_dir)
     except (FileNotFoundError, CheckpointMismatchError) as e:
-        raise StudentError(f"{checkpoint_dir}: cannot restore the student ({_first_line(e)})") from None
+        raise StudentError(f"{checkpoint_dir}: cannot restore the student ({one_line(e)})") from None
     except Exception as e:  # noqa: BLE001 - Orbax raises many types for damaged files
         raise StudentError(f"{checkpoint_dir}: checkpoint is corrupt or unreadable ({type(e).__name__}: "
-                           f"{_first_line(e)})") from None
+                           f"{one_line(e)})") from None
 
 
 def load_student(source: str, *, param_dtype: str = "float32", mesh=None):
