@@ -67,6 +67,31 @@ def carried_row(previous: dict[str, Any], origin: str) -> dict[str, Any]:
     return {**previous, "origin": origin, "changed": False}
 
 
+# ----- is a teacher answer usable? ---------------------------------------------------------------------------
+def rationale_problem(task, response) -> str | None:
+    """Why a rationale answer is unusable (None: usable). Failed calls are counted apart, not here."""
+    text = response.texts[0] if response.texts else ""
+    if not text.strip():
+        return "empty answer"
+    if task.extract_answer(text) is None:
+        return "no final-answer line"
+    return None
+
+
+def gap_report_problem(response) -> str | None:
+    """Why a gap report is unusable: empty, or degenerate (one line repeated, e.g. "The answer is 154" x10)."""
+    text = response.texts[0] if response.texts else ""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return "empty gap report"
+    distinct = len(set(lines))
+    if len(lines) >= 3 and distinct <= len(lines) // 2:
+        return f"degenerate gap report ({len(lines)} lines, {distinct} distinct)"
+    if len(" ".join(lines).split()) < 5:
+        return "gap report shorter than 5 words"
+    return None
+
+
 # ----- strategies ----------------------------------------------------------------------------------------------
 class DataStrategy:
     """Makes the training data of one iteration (`data.jsonl`), with whatever stages that needs first."""
@@ -84,7 +109,8 @@ class FirstRationales(DataStrategy):
 
     def train_rows(self, run: UndoRun) -> tuple[list[dict[str, Any]], dict[str, dict]]:
         task, train = run.task, run.splits["train"]
-        responses, usage = run.ask_teacher([prompts.rationale_request(task, r, run.teacher_settings) for r in train])
+        responses, usage = run.ask_teacher([prompts.rationale_request(task, r, run.teacher_settings) for r in train],
+                                           problem=lambda resp: rationale_problem(task, resp))
         return [first_rationale_row(task, r, resp, filter_wrong=run.cfg.loop.filter_wrong)
                 for r, resp in zip(train, responses, strict=True)], usage
 
@@ -93,8 +119,8 @@ class FirstRationales(DataStrategy):
         info: dict[str, Any] = {"teacher": usage}
         if self.with_validation:
             val = run.splits["validation"]
-            responses, val_usage = run.ask_teacher([prompts.rationale_request(run.task, r, run.teacher_settings)
-                                                    for r in val])
+            requests = [prompts.rationale_request(run.task, r, run.teacher_settings) for r in val]
+            responses, val_usage = run.ask_teacher(requests, problem=lambda resp: rationale_problem(run.task, resp))
             val_rows = [first_rationale_row(run.task, r, resp, filter_wrong=False)
                         for r, resp in zip(val, responses, strict=True)]
             atomic_write_jsonl(run.rd.iter_dir(k) / "val_rationales.jsonl", val_rows)
@@ -137,11 +163,15 @@ class Regenerate(DataStrategy):
     def gaps(self, run: UndoRun, k: int) -> dict[str, Any]:
         failures = run.failures(k - 1)[: run.cfg.loop.diagnosis_examples]
         request = prompts.gaps_request(run.task, failures, run.history(k - 1), run.teacher_settings)
-        (response,), usage = run.ask_teacher([request])
-        if response.error or not response.texts:
-            raise UndoError(f"iteration {k}: the teacher's gap analysis failed ({response.error or 'empty answer'})")
-        atomic_write_text(run.rd.iter_dir(k) / "gaps.md", response.texts[0].strip() + "\n")
-        return {"teacher": usage, "failures_shown": len(failures)}
+        (response,), usage = run.ask_teacher([request], problem=gap_report_problem)
+        if response.error:
+            raise UndoError(f"iteration {k}: the teacher's gap analysis failed ({response.error}); re-run to retry")
+        problem = gap_report_problem(response)
+        if problem and not run.cfg.loop.allow_weak_gap_report:
+            raise UndoError(f"iteration {k}: {problem} after one retry; re-run to ask again, or pass "
+                            f"--allow_weak_gap_report to use it")
+        atomic_write_text(run.rd.iter_dir(k) / "gaps.md", (response.texts[0] if response.texts else "").strip() + "\n")
+        return {"teacher": usage, "failures_shown": len(failures), "weak_gap_report": problem}
 
     def chosen(self, run: UndoRun, k: int) -> list:
         train = run.splits["train"]
@@ -158,7 +188,7 @@ class Regenerate(DataStrategy):
         chosen = self.chosen(run, k)
         requests = [prompts.rewrite_request(task, r, (previous.get(r.id) or {}).get("rationale"), gaps, examples,
                                             run.teacher_settings) for r in chosen]
-        responses, usage = run.ask_teacher(requests) if requests else ([], {})
+        responses, usage = run.ask_teacher(requests, problem=lambda resp: rationale_problem(task, resp))
         rewritten = {r.id: rewrite_row(task, r, resp, previous.get(r.id))
                      for r, resp in zip(chosen, responses, strict=True)}
         rows = []

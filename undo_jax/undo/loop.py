@@ -10,6 +10,7 @@ trains, samples and checkpoints, and teacher data reaches the others through the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -19,12 +20,15 @@ from undo_jax import distributed
 from undo_jax.config import RunConfig, identity_defaults
 from undo_jax.configtree import to_flag_lines, to_json
 from undo_jax.undo.convergence import best_iteration, stop_reason
-from undo_jax.undo.data_plan import Stage, choose_data_plan, ledger_delta
+from undo_jax.undo.data_plan import Stage, choose_data_plan, ledger_delta, merge_usage
 from undo_jax.undo.prepare import UndoError, load_splits, make_run_mesh
 from undo_jax.undo.rundir import RunDir, atomic_write_json, atomic_write_jsonl, read_jsonl
 from undo_jax.undo.student import StudentError, evaluate_records, load_model, load_tokenizer, restore_into
 
 log = logging.getLogger("undo_jax.undo")
+
+# Per stage: teacher requests asked, finally failed, unusable at first, still unusable after the one retry.
+TALLY_FIELDS = ("requests", "failed", "unusable", "unusable_after_retry")
 
 
 class UndoRun:
@@ -43,6 +47,7 @@ class UndoRun:
         self.mesh = None
         self.task = None
         self.splits: dict[str, list] = {}
+        self.tally = dict.fromkeys(TALLY_FIELDS, 0)
 
     # ----- setup -------------------------------------------------------------------------------------------
     def preflight(self) -> None:
@@ -94,15 +99,40 @@ class UndoRun:
         log.info("iteration %d: %s", k, name)
         start = time.time()
         info: dict[str, Any] = {}
+        self.tally = dict.fromkeys(TALLY_FIELDS, 0)
         if self.primary or not stage.primary_only:
             info = stage.fn() or {}
+        if self.tally["requests"]:
+            info["teacher_quality"] = dict(self.tally)
         info["seconds"] = round(time.time() - start, 3)
         if self.primary:
             self.rd.mark_done(k, name, info)
         distributed.sync(f"undo-{name}-{k}")
         return info
 
-    def ask_teacher(self, requests) -> tuple[list, dict[str, dict]]:
+    def ask_teacher(self, requests, *, problem=None) -> tuple[list, dict[str, dict]]:
+        """The teacher's responses and ledger usage. An answer `problem(response)` finds unusable is asked
+        once more (another cache salt, so the retry is cached too); what the stage asked, what finally failed
+        and what stayed unusable is tallied in `self.tally` (recorded in the stage's marker)."""
+        requests = list(requests)
+        if not requests:
+            return [], {}
+        responses, usage = self._ask(requests)
+        if problem is not None:
+            weak = [i for i, r in enumerate(responses) if r.ok and problem(r)]
+            self.tally["unusable"] += len(weak)
+            if weak:
+                again, more = self._ask([dataclasses.replace(requests[i], cache_salt=f"{requests[i].cache_salt}"
+                                                             f"|retry-unusable") for i in weak])
+                for i, response in zip(weak, again, strict=True):
+                    responses[i] = response
+                usage = merge_usage(usage, more)
+                self.tally["unusable_after_retry"] += sum(r.ok and bool(problem(r)) for r in again)
+        self.tally["requests"] += len(requests)
+        self.tally["failed"] += sum(not r.ok for r in responses)
+        return responses, usage
+
+    def _ask(self, requests) -> tuple[list, dict[str, dict]]:
         before = self.teacher.ledger.to_dict()
         responses = self.teacher.generate(requests, progress=self.progress)
         return responses, ledger_delta(before, self.teacher.ledger.to_dict())
@@ -112,6 +142,15 @@ class UndoRun:
         return read_jsonl(self.rd.iter_dir(k) / "data.jsonl")
 
     def finish_data(self, k: int, rows: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, Any]:
+        """Write iteration k's data.jsonl, unless more of the stage's teacher calls failed than allowed: then
+        stop (the stage stays unfinished, and a re-run asks exactly the failed requests again)."""
+        failed, asked = self.tally["failed"], self.tally["requests"]
+        allowed = self.cfg.loop.max_teacher_failures
+        if failed and failed > allowed * asked:
+            first = next((r["error"] for r in rows if r.get("error")), None) or "see the log"
+            raise UndoError(f"iteration {k}: {failed} of {asked} teacher requests failed (more than "
+                            f"--max_teacher_failures={allowed:g}; first: {first}); re-run to retry exactly those "
+                            f"(the others are cached)")
         kept = sum(bool(r["kept"]) for r in rows)
         if kept == 0:
             errors = [r["error"] for r in rows if r.get("error")]
@@ -119,7 +158,8 @@ class UndoRun:
             raise UndoError(f"iteration {k}: no usable rationale among {len(rows)} (all wrong or failed){hint}")
         atomic_write_jsonl(self.rd.iter_dir(k) / "data.jsonl", rows)
         return {**info, "rows": len(rows), "kept": kept, "changed": sum(bool(r.get("changed")) for r in rows),
-                "teacher_errors": sum(bool(r.get("error")) for r in rows)}
+                "teacher_errors": sum(bool(r.get("error")) for r in rows),
+                "failed_ids": [r["id"] for r in rows if r.get("error")]}
 
     def failures(self, k: int) -> list[dict[str, Any]]:
         """Validation failures of iteration k's student, with the teacher's own solution of each."""
@@ -165,8 +205,6 @@ class UndoRun:
 
     def train_config(self, k: int):
         """The run's TrainConfig with this iteration's epochs (first: --epochs_first; later: --epochs_later)."""
-        import dataclasses
-
         epochs = self.cfg.loop.epochs_first if self.starts_from(k) == 0 else self.cfg.loop.epochs_later
         return dataclasses.replace(self.cfg.train, epochs=epochs, progress=self.progress)
 
