@@ -57,7 +57,8 @@ def test_missing_data_file(tmp_path):
     assert proc.returncode == 1
     assert "nope.jsonl" in error_line(proc)
     # The directory holds only the flags: the corrected command reuses it.
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json", "flags.txt", "identity.json"]
+    names = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert names == ["config.json", "flags.txt", "identity.json", "run.lock"]
 
 
 def test_gemini_without_api_key(tmp_path):

@@ -3,7 +3,8 @@ protocols, for tests and benchmarks. Not a mock of the client: the real SDK/HTTP
 them over TCP on 127.0.0.1.
 
 - Counts requests per prompt (the last user message) so tests can prove what was (re)sent.
-- Scripted faults per prompt, consumed one per attempt: "ok", "400" (a permanent refusal), "429[:seconds]" (Retry-After header
+- Scripted faults per prompt, consumed one per attempt: "ok", "400" (a permanent refusal), "429[:seconds]"
+  (Retry-After header
   and, for Gemini, a google.rpc.RetryInfo detail), "500", "503", "slow:seconds" (sleep, then
   answer), "leak" (a 400 whose message echoes the caller's key), "malformed" (HTTP 200 with
   broken JSON), "safety" (a blocked candidate), "empty" (no candidates/choices), "drop" (close
@@ -225,7 +226,8 @@ class _Handler(BaseHTTPRequestHandler):
             status = "INTERNAL" if kind == "500" else "UNAVAILABLE"
             return self._send(int(kind), {"error": {"code": int(kind), "message": "scripted fault", "status": status}})
         if kind == "400":  # a permanent refusal: clients do not retry it
-            return self._send(400, {"error": {"code": 400, "message": "scripted refusal", "status": "INVALID_ARGUMENT"}})
+            refusal = {"code": 400, "message": "scripted refusal", "status": "INVALID_ARGUMENT"}
+            return self._send(400, {"error": refusal})
         if kind == "leak":
             key = self.headers.get("x-goog-api-key") or self.headers.get("Authorization") or ""
             msg = f"bad request from {key} at https://example.invalid/v1beta/models/x:generateContent?key={key}"

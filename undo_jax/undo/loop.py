@@ -11,6 +11,7 @@ trains, samples and checkpoints, and teacher data reaches the others through the
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import time
@@ -22,8 +23,9 @@ from undo_jax.configtree import to_flag_lines, to_json
 from undo_jax.undo.convergence import best_iteration, stop_reason
 from undo_jax.undo.data_plan import Stage, choose_data_plan, ledger_delta, merge_usage
 from undo_jax.undo.prepare import UndoError, load_splits, make_run_mesh
-from undo_jax.undo.rundir import RunDir, atomic_write_json, atomic_write_jsonl, read_jsonl
+from undo_jax.undo.rundir import RunDir, RunLock, atomic_write_json, atomic_write_jsonl, read_jsonl
 from undo_jax.undo.student import StudentError, evaluate_records, load_model, load_tokenizer, restore_into
+from undo_jax.undo.tensorboard import ScalarLog
 
 log = logging.getLogger("undo_jax.undo")
 
@@ -48,12 +50,19 @@ class UndoRun:
         self.task = None
         self.splits: dict[str, list] = {}
         self.tally = dict.fromkeys(TALLY_FIELDS, 0)
+        self.lock = RunLock(cfg.run_dir)
+        self.scalars = ScalarLog(self.rd.root / "tb", enabled=cfg.output.tensorboard and self.primary)
 
     # ----- setup -------------------------------------------------------------------------------------------
     def preflight(self) -> None:
         """Everything that can fail cheaply fails here, before any model is loaded or teacher called."""
         cfg = self.cfg
         if self.primary:
+            self.rd.ensure_writable()
+            self.lock.acquire()
+            if self.lock.previous:
+                log.warning("took over the lock of a run that is gone (pid %s on %s)", self.lock.previous.get("pid"),
+                            self.lock.previous.get("host"))
             self.rd.prepare(to_flag_lines(cfg), cfg.identity(), allow_change=cfg.output.allow_flag_change,
                             defaults=identity_defaults())
             atomic_write_json(self.rd.config_path, to_json(cfg))
@@ -85,6 +94,8 @@ class UndoRun:
         return {"temperature": self.cfg.teacher.temperature, "max_output_tokens": self.cfg.teacher.max_output_tokens}
 
     def close(self) -> None:
+        self.scalars.close()
+        self.lock.release()
         if self._owns_teacher and self._teacher is not None:
             self._teacher.close()
             self._teacher = None
@@ -187,8 +198,12 @@ class UndoRun:
 
     def model_of(self, k: int):
         """The student after iteration k (0 = base), reusing the one in memory when it matches."""
-        if self._model is not None and self._model_iter == k:
-            return self._model
+        if self._model is None or self._model_iter != k:
+            self._model, self._model_iter = self.load_iteration(k), k
+        return self._model
+
+    def load_iteration(self, k: int):
+        """The student after iteration k, freshly loaded (the in-memory one is left as it is)."""
         model = self.base_model()
         if k > 0:
             try:
@@ -196,7 +211,6 @@ class UndoRun:
             except StudentError as e:
                 raise StudentError(f"{e}; to retrain iteration {k}, move iter_{k}/checkpoint and iter_{k}/train.DONE "
                                    f"away and re-run") from None
-        self._model, self._model_iter = model, k
         return model
 
     def starts_from(self, k: int) -> int:
@@ -228,13 +242,29 @@ class UndoRun:
                           log_path=self.rd.iter_dir(k) / "train_log.jsonl")
         except ValueError as e:  # a checkpoint of other data/settings, or nothing trainable
             raise UndoError(f"iteration {k} training: {e}") from None
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise UndoError(f"iteration {k}: disk full while saving the checkpoint under {ckpt} ({e.strerror}); the "
+                            f"previous checkpoint is intact: free space (or pass --keep_train_state=last/none) and "
+                            f"re-run to resume from it") from None
         except Exception as e:  # noqa: BLE001 - a damaged Orbax checkpoint surfaces as many types
             if ckpt.exists() and "checkpoint" in f"{type(e).__name__} {e}".lower():
                 raise UndoError(f"iteration {k}: checkpoint {ckpt} is corrupt or unreadable "
                                 f"({type(e).__name__}); move it away to retrain this iteration") from None
             raise
         self._model, self._model_iter = model, k
+        self.scalars.train_steps(read_jsonl(self.rd.iter_dir(k) / "train_log.jsonl"), step_offset=self.steps_before(k))
         return {"examples": len(examples), "epochs": config.epochs, "from_iteration": start_from}
+
+    def steps_before(self, k: int) -> int:
+        """Optimizer steps of iterations 1..k-1 (TensorBoard's training step counts on across iterations)."""
+        total = 0
+        for j in range(1, k):
+            path = self.rd.iter_dir(j) / "train_log.jsonl"
+            if path.is_file():
+                total += max((int(r["step"]) for r in read_jsonl(path) if "loss" in r), default=0)
+        return total
 
     def stage_eval(self, k: int, split: str) -> dict[str, Any]:
         name = {"validation": "eval_val", "test": "eval_test", "train": "eval_train"}[split]
@@ -244,10 +274,40 @@ class UndoRun:
                                    write=self.primary)
         log.info("iteration %d: %s accuracy %.1f%% (%d/%d)", k, split, 100 * summary["accuracy"],
                  summary["correct"], summary["n"])
+        self.scalars.accuracy(split, k, summary["accuracy"])
         return {"summary": summary}
 
+    def stage_prune_state(self, k: int) -> dict[str, Any]:
+        """--keep_train_state: replace the full training state (params + optimizer state) of finished iterations
+        by a params-only snapshot (what later stages, `final/` and `evaluate` read): `last` keeps the state of
+        iteration k only, `none` of no iteration, `all` of every one. Params are written (and complete) before
+        the state is removed, so a kill in between leaves both."""
+        import shutil
+
+        from undo_jax.train import save_model_checkpoint
+        from undo_jax.train.checkpoint import PARAMS_SUBDIR, STATE_SUBDIR
+
+        keep = self.cfg.output.keep_train_state
+        if keep == "all":
+            return {"pruned": []}
+        last = k if keep == "none" else k - 1
+        pruned = []
+        for j in range(1, last + 1):
+            ckpt = self.rd.iter_dir(j) / "checkpoint"
+            if not distributed.primary_decides((ckpt / STATE_SUBDIR).is_dir()):
+                continue
+            if not distributed.primary_decides((ckpt / PARAMS_SUBDIR).is_dir()):
+                model = self._model if self._model_iter == j else self.load_iteration(j)
+                save_model_checkpoint(model, ckpt)  # every process takes part (Orbax writes sharded arrays)
+            distributed.sync(f"undo-prune-{j}")
+            if self.primary:
+                shutil.rmtree(ckpt / STATE_SUBDIR)
+            pruned.append(j)
+        return {"pruned": pruned}
+
     def student_stages(self, k: int) -> list[Stage]:
-        train = [Stage(k, "train", lambda: self.stage_train(k))] if k > 0 else []
+        train = [Stage(k, "train", lambda: self.stage_train(k)),
+                 Stage(k, "prune_state", lambda: self.stage_prune_state(k))] if k > 0 else []
         return [*train, Stage(k, "eval_val", lambda: self.stage_eval(k, "validation")),
                 Stage(k, "eval_test", lambda: self.stage_eval(k, "test"))]
 
