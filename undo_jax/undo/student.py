@@ -15,6 +15,7 @@ from typing import Any
 
 from undo_jax.config import EvalSettings, resolve_student
 from undo_jax.errors import one_line
+from undo_jax.tasks.base import summarize
 from undo_jax.undo.rundir import append_jsonl_durable, atomic_write_jsonl, read_jsonl
 
 
@@ -90,32 +91,15 @@ def _score_one(task, record, texts: list[str], maj_k: int) -> dict[str, Any]:
     from undo_jax.sampling import majority_vote
 
     if maj_k == 1:
-        prediction = task.extract_answer(texts[0])
-        completion = texts[0]
+        prediction, completion = task.extract_answer(texts[0]), texts[0]
     else:
         prediction, index = majority_vote(texts, task.vote_key)
         completion = texts[index]
     row = {"id": record.id, "question": record.question, "answer": record.answer, "completion": completion,
-           "prediction": prediction, "correct": bool(task.is_correct(prediction, record))}
-    group = task.group_of(record)
-    if group is not None:
-        row["group"] = group
+           **task.judge(prediction, record)}
     if maj_k > 1:
         row["samples"] = texts
     return row
-
-
-def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    n = len(rows)
-    correct = sum(bool(r["correct"]) for r in rows)
-    groups: dict[str, list[int]] = {}
-    for r in rows:
-        if "group" in r:
-            tally = groups.setdefault(str(r["group"]), [0, 0])
-            tally[0] += bool(r["correct"])
-            tally[1] += 1
-    breakdown = {g: {"accuracy": c / t, "correct": c, "n": t} for g, (c, t) in sorted(groups.items())}
-    return {"accuracy": correct / n if n else 0.0, "correct": correct, "n": n, "breakdown": breakdown}
 
 
 def evaluate_records(model, tokenizer, task, records, settings: EvalSettings, out_path: str | os.PathLike, *,
