@@ -137,9 +137,6 @@ class RunConfig:
     def run_dir(self) -> str:
         return str(self.output.run_dir)
 
-    def to_flag_dict(self) -> dict[str, Any]:
-        return flat(self)
-
     def identity(self) -> dict[str, Any]:
         """Flag name -> value of the settings that decide a run's results: a resumed run must repeat them."""
         return {leaf.flag: value for leaf, value in _leaf_values(self) if leaf.identity}

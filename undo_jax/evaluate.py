@@ -10,13 +10,12 @@ from `undo_jax.config.EvalCommand` (`--helpfull` lists them by part).
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 
 from undo_jax.config import EvalCommand
 from undo_jax.errors import one_line
-from undo_jax.flags import parse_or_exit
+from undo_jax.flags import start_command
 
 PROG = "undo_jax.evaluate"
 
@@ -48,14 +47,10 @@ def evaluate(cfg: EvalCommand, *, progress: bool = False) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     try:
-        cfg = parse_or_exit(EvalCommand, argv, PROG)
+        cfg = start_command(EvalCommand, argv, PROG)
     except SystemExit as e:
         return int(e.code or 0)
     from undo_jax import distributed
-
-    distributed.maybe_initialize()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("absl").setLevel(logging.WARNING)
     from undo_jax.tasks import TaskDataError
     from undo_jax.undo import RunDirError, StudentError, UndoError
 

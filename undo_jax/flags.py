@@ -19,7 +19,7 @@ from undo_jax.errors import one_line
 
 # Old flag name -> what to say instead (none renamed yet; add an entry when one is).
 RENAMED: dict[str, str] = {}
-__all__ = ["RENAMED", "flag_values", "help_text", "parse", "parse_or_exit", "to_flag_lines"]
+__all__ = ["RENAMED", "flag_values", "help_text", "parse", "parse_or_exit", "start_command", "to_flag_lines"]
 VALIDATORS = {RunConfig: validate, EvalCommand: validate_eval}
 HELP_FLAGS = ("-h", "--help", "-help", "--helpfull", "-helpfull", "--helpshort", "-?")
 
@@ -89,6 +89,24 @@ def help_text(cls: type, prog: str) -> str:
 
 def wants_help(argv: list[str]) -> bool:
     return any(a in HELP_FLAGS for a in argv[1:])
+
+
+NOISY_LOGGERS = ("absl", "jax._src", "httpx", "httpx2", "google_genai")
+
+
+def start_command(cls: type, argv: list[str], prog: str):
+    """What `main` and `evaluate` do first: parse the flags (`parse_or_exit`), then start the process (the
+    multi-host start, which must precede every other JAX call, and INFO logging to stderr)."""
+    import logging
+
+    cfg = parse_or_exit(cls, argv, prog)
+    from undo_jax import distributed
+
+    distributed.maybe_initialize()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in NOISY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return cfg
 
 
 def parse_or_exit(cls: type, argv: list[str], prog: str):

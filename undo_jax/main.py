@@ -9,13 +9,12 @@ and leaves the run directory as it was, so the corrected command resumes it.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 
 from undo_jax.config import RunConfig
 from undo_jax.errors import one_line
 from undo_jax.flags import parse as parse_flags
-from undo_jax.flags import parse_or_exit
+from undo_jax.flags import start_command
 
 PROG = "undo_jax.main"
 
@@ -28,17 +27,10 @@ def parse(argv: list[str]) -> RunConfig:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     try:
-        cfg = parse_or_exit(RunConfig, argv, PROG)
+        cfg = start_command(RunConfig, argv, PROG)
     except SystemExit as e:
         return int(e.code or 0)
-    # Must precede every other JAX call (multi-host start); a no-op on a single host.
     from undo_jax import distributed
-
-    distributed.maybe_initialize()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("absl", "jax._src", "httpx", "httpx2", "google_genai"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
     from undo_jax.tasks import TaskDataError
     from undo_jax.undo import RunDirError, StudentError, UndoError, run
 
