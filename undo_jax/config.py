@@ -115,9 +115,10 @@ class LoopConfig:
     regenerate: str = setting("all", "Training questions rewritten each iteration.", choices=("all", "wrong"))
     max_teacher_failures: float = setting(0.0, "Fraction of a data stage's teacher requests that may finally fail "
                                                "before the run stops (failed ones are retried by a re-run).",
-                                          min=0, max=1)
+                                          min=0, max=1, identity=False)
     allow_weak_gap_report: bool = setting(False, "Use a gap report that is still unusable after one retry (empty "
-                                                 "or degenerate) instead of stopping the iteration.")
+                                                 "or degenerate) instead of stopping the iteration.",
+                                      identity=False)
 
 
 @dataclasses.dataclass(frozen=True)
