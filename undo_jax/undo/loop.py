@@ -67,6 +67,9 @@ class UndoRun:
                             defaults=identity_defaults())
             atomic_write_json(self.rd.config_path, to_json(cfg))
         distributed.sync("undo-prepare")
+        problem = self.scalars.check()
+        if problem:
+            raise UndoError(problem)
         self.task, self.splits = load_splits(cfg.task)
         log.info("data: %d train, %d validation, %d test", *(len(self.splits[s]) for s in ("train", "validation",
                                                                                            "test")))

@@ -21,6 +21,15 @@ class ScalarLog:
         self.enabled = enabled
         self._writer = None
 
+    def check(self) -> str | None:
+        """Why the log cannot be written (tensorboardX missing), or None."""
+        if self.enabled:
+            import importlib.util
+
+            if importlib.util.find_spec("tensorboardX") is None:
+                return "--tensorboard needs the tensorboardX package (pip install tensorboardX) or --notensorboard"
+        return None
+
     def _w(self):
         if self._writer is None:
             from tensorboardX import SummaryWriter
