@@ -82,7 +82,8 @@ def help_text(cls: type, prog: str) -> str:
                 continue
             flag = fv[leaf.flag]
             kind = "|".join(map(str, leaf.choices)) if leaf.choices else flag.flag_type()
-            out.append(f"  --{leaf.flag}  ({kind}; default: {flag.default_as_str or 'none'})")
+            default = (flag.default_as_str or "none").strip("'")
+            out.append(f"  --{leaf.flag}  ({kind}; default: {default})")
             out.append(f"      {leaf.help}")
     return "\n".join(out) + "\n"
 

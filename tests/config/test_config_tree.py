@@ -180,3 +180,19 @@ def test_helpfull_groups_flags_by_part():
     for leaf in flag_leaves(RunConfig):
         assert f"  --{leaf.flag}  (" in out.stdout
 
+
+
+def test_an_older_run_dir_without_the_new_settings_resumes(tmp_path):
+    """identity.json of a run made before a setting existed: the missing setting counts as its default."""
+    from undo_jax.config import identity_defaults
+    from undo_jax.undo.rundir import RunDir, RunDirError
+
+    cfg = run_config(run_dir=str(tmp_path / "run"), student="s")
+    old = {k: v for k, v in cfg.identity().items() if k not in ("eval_seed", "remat", "loss_chunk")}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "identity.json").write_text(json.dumps(old))
+    rd = RunDir(tmp_path / "run")
+    assert rd.prepare(to_flag_lines(cfg), cfg.identity(), allow_change=False, defaults=identity_defaults())
+    changed = run_config(run_dir=str(tmp_path / "run"), student="s", remat=True)
+    with pytest.raises(RunDirError, match="--remat=False"):
+        rd.prepare(to_flag_lines(changed), changed.identity(), allow_change=False, defaults=identity_defaults())
