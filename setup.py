@@ -27,6 +27,7 @@ setup(
         "sympy",
         "math-verify",
         "matplotlib",
+        "tensorboardX",  # RUN/tb/ event files (scalars only; no TensorFlow)
     ],
     extras_require={
         "test": [

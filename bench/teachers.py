@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from undo_jax.teachers import TeacherRequest, make_teacher  # noqa: E402
-from undo_jax.teachers.testing_servers import LoopbackServer  # noqa: E402
+from undo_jax.testing.servers import LoopbackServer  # noqa: E402
 
 BENCH_KEY = "bench-key-not-a-secret"
 

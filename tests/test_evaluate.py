@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.undo.conftest import demo_rows, write_tiny_student
-from undo_jax.flags import EvalConfig
+from undo_jax.config import eval_command
 from undo_jax.undo.rundir import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,14 +24,14 @@ def student(tmp_path_factory) -> Path:
 
 
 def test_evaluate_matches_generate_and_task_score(student, tmp_path):
+    from undo_jax.config import demo_data_path
     from undo_jax.evaluate import evaluate
     from undo_jax.models import load_pretrained, load_tokenizer
     from undo_jax.sampling import generate
     from undo_jax.tasks import get_task
-    from undo_jax.undo.loop import demo_data_path
 
     out = tmp_path / "eval" / "rows.jsonl"
-    cfg = EvalConfig(student=str(student), task="svamp", split="test", eval_out=str(out), data_source="demo",
+    cfg = eval_command(student=str(student), task="svamp", split="test", eval_out=str(out), data_source="demo",
                      test_size=10, max_new_tokens=10, eval_batch_size=8, eval_chunk=4)
     summary = evaluate(cfg)
     rows = read_jsonl(out)
@@ -75,7 +75,7 @@ def test_maj_k_votes_over_samples(student, tmp_path):
     from undo_jax.tasks import get_task
 
     out = tmp_path / "maj.jsonl"
-    cfg = EvalConfig(student=str(student), task="svamp", split="test", eval_out=str(out), data_source="demo",
+    cfg = eval_command(student=str(student), task="svamp", split="test", eval_out=str(out), data_source="demo",
                      test_size=4, max_new_tokens=8, maj_k=3, eval_temperature=1.0, eval_chunk=4, eval_batch_size=12)
     evaluate(cfg)
     task = get_task("svamp")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from undo_jax.flags import RunConfig, validate
+from undo_jax.config import run_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,15 +45,11 @@ def test_bad_flags_stop_with_one_line(tmp_path, args, needle):
 
 
 def test_flags_round_trip_through_flags_txt():
-    cfg = validate(RunConfig(run_dir="r", student="s", data_source="demo", lr=3e-4, eval_base=False))
-    from undo_jax.flags import FLAGS, config_from_flags
+    from undo_jax.configtree import to_flag_lines
+    from undo_jax.main import parse
 
-    FLAGS.unparse_flags()
-    FLAGS(["prog", *cfg.to_flag_lines()])
-    try:
-        assert config_from_flags() == cfg
-    finally:
-        FLAGS.unparse_flags()
+    cfg = run_config(run_dir="r", student="s", data_source="demo", lr=3e-4, eval_base=False)
+    assert parse(["prog", *to_flag_lines(cfg)]) == cfg
 
 
 def test_missing_data_file(tmp_path):
@@ -61,7 +57,8 @@ def test_missing_data_file(tmp_path):
     assert proc.returncode == 1
     assert "nope.jsonl" in error_line(proc)
     # The directory holds only the flags: the corrected command reuses it.
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["flags.txt", "identity.json"]
+    names = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert names == ["config.json", "flags.txt", "identity.json", "run.lock"]
 
 
 def test_gemini_without_api_key(tmp_path):
@@ -94,7 +91,7 @@ def test_different_flags_on_an_existing_run_are_refused(tmp_path):
 
 @pytest.mark.parametrize("alias", ["smollm2-gguf", "@smollm2"])
 def test_symbolic_student_resolves_to_the_wheel_gguf(alias, smollm2_gguf):
-    from undo_jax.flags import resolve_student
+    from undo_jax.config import resolve_student
 
     assert resolve_student(alias) == smollm2_gguf
     assert resolve_student("some/dir") == "some/dir"
@@ -104,12 +101,6 @@ def test_config_files_parse_and_validate():
     from undo_jax.main import parse
 
     for path in sorted((REPO / "configs").glob("*.cfg")):
-        from undo_jax.flags import FLAGS
-
-        FLAGS.unparse_flags()
-        try:
-            cfg = parse(["prog", f"--flagfile={path}"])
-        finally:
-            FLAGS.unparse_flags()
-        assert cfg.task in path.stem or path.stem == "demo"
+        cfg = parse(["prog", f"--flagfile={path}"])
+        assert cfg.task.name in path.stem or path.stem == "demo"
         assert cfg.run_dir.startswith("runs/")

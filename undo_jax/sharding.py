@@ -20,7 +20,9 @@ __all__ = [
     "AXES",
     "BATCH_AXES",
     "DEFAULT_RULES",
+    "batch_row_multiple",
     "batch_sharding",
+    "check_rows_fit_mesh",
     "logical_to_spec",
     "make_mesh",
     "param_shardings",
@@ -118,6 +120,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Leading (batch) dimension over ('data', 'fsdp'), the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def batch_row_multiple(mesh: Mesh) -> int:
+    """Rows of a batch must be a multiple of this: the number of batch shards (data x fsdp)."""
+    return _axis_size(mesh, BATCH_AXES)
+
+
+def check_rows_fit_mesh(rows: int, mesh: Mesh, *, what: str = "micro_batch") -> None:
+    """ValueError (one line) unless `rows` splits evenly over the mesh's batch shards."""
+    multiple = batch_row_multiple(mesh)
+    if rows % multiple:
+        raise ValueError(f"{what}={rows} is not a multiple of the mesh's batch shards (data x fsdp = {multiple})")
 
 
 def param_shardings(model_or_state, mesh: Mesh, rules: Mapping | None = None):

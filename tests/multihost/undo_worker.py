@@ -36,16 +36,16 @@ def main(argv: list[str]) -> int:
     import jax
 
     from tests.undo.scripted_teacher import ScriptedTeacher
-    from undo_jax.flags import RunConfig, validate
+    from undo_jax.config import run_config
     from undo_jax.undo import run
 
     data, fsdp, tensor = (int(n) for n in args.mesh.split(","))
-    cfg = validate(RunConfig(
+    cfg = run_config(
         run_dir=str(args.out / "run"), student=str(args.student), data_source="demo", val_size=8, train_size=16,
         test_size=8, epochs_first=2, epochs_later=1, lr=1e-3, warmup_ratio=0.0, batch_size=8, micro_batch=8,
         max_length=256, max_new_tokens=12, eval_batch_size=8, eval_chunk=8, max_iterations=2, eval_base=False,
         diagnosis_examples=4, rewrite_examples=2, teacher="reference", mesh_data=data, mesh_fsdp=fsdp,
-        mesh_tensor=tensor))
+        mesh_tensor=tensor)
     # A teacher per process, with a cache outside the run directory: the loop must never ask it off process 0.
     teacher = ScriptedTeacher(cache_path=str(args.out / f"teacher_cache_{jax.process_index()}.sqlite"))
     state = run(cfg, teacher=teacher)

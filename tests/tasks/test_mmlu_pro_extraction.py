@@ -20,6 +20,9 @@ CASES = [
     ("Answer: C", "C"),
     ("**Answer:** (E)", "E"),
     ("answer: b", None),  # lowercase letters are not option letters
+    ("The answer is (c).", "C"),  # ... unless parenthesised after "answer is" (the official regex misses it)
+    ("So the answer is **(h)**", "H"),
+    ("the answer is a bit unclear, (B) maybe", "B"),
     ("Answer: All of the options fail, so D", "D"),
     ("Answer: C\nWait, Answer: D", "D"),
     ("Option C is tempting but B fits best.", "B"),
@@ -41,7 +44,6 @@ CASES = [
     ("The answer is A", "A"),
     ("so the answer is (A).\n\nNote: option I is wrong.", "A"),
     ("the answer is\n(C)", "C"),
-    ("The answer is (c).", None),
     ("The answer is (B) and not (C).", "B"),
     ("Answer: (J) is right", "J"),
     ("We pick option F's value; thus F", "F"),

@@ -18,7 +18,7 @@ import pytest
 
 from undo_jax.teachers import TeacherRequest, make_teacher
 from undo_jax.teachers.cache import cache_key
-from undo_jax.teachers.testing_servers import LoopbackServer, reply_for
+from undo_jax.testing.servers import LoopbackServer, reply_for
 
 KEY_ENV = {"gemini": "GEMINI_API_KEY", "openai": "OPENAI_API_KEY"}
 # A fake key shaped like a real one (assembled so secret scanners do not flag the source file).
@@ -256,7 +256,7 @@ def test_gemini_batch_api_submit_poll_collect_and_resume(monkeypatch, tmp_path):
 def test_thinking_settings_reach_the_request(monkeypatch):
     monkeypatch.setenv("GEMINI_API_KEY", SECRET)
     seen = []
-    from undo_jax.teachers import testing_servers
+    from undo_jax.testing import servers as testing_servers
 
     original = testing_servers._gemini_answer
 

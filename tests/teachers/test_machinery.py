@@ -18,7 +18,7 @@ from undo_jax.teachers.limits import (
     retry_delay_from_google_details,
     scrub,
 )
-from undo_jax.teachers.testing_servers import fetch_stats, post_script, start_server_subprocess
+from undo_jax.testing.servers import fetch_stats, post_script, start_server_subprocess
 
 
 def msgs(text: str) -> list[dict[str, str]]:

@@ -7,8 +7,10 @@ from fractions import Fraction
 import pytest
 
 from undo_jax.tasks import get_task
+from undo_jax.tasks.svamp import equation_steps
+from undo_jax.tasks.svamp import exact_number_text as format_number
 from undo_jax.teachers import TeacherRequest, make_teacher
-from undo_jax.teachers.reference import equation_steps, format_number, reference_rationale
+from undo_jax.teachers.reference import reference_rationale
 
 
 def test_equation_steps_innermost_first_exact():

@@ -115,7 +115,7 @@ def test_step_schedule_covers_each_epoch_once_and_depends_only_on_the_step():
 
 
 def test_config_rejects_bad_values():
-    with pytest.raises(ValueError, match="schedule must be one of"):
+    with pytest.raises(ValueError, match="schedule: must be one of"):
         TrainConfig(schedule="step")
-    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+    with pytest.raises(ValueError, match="batch_size: must be >= 1"):
         TrainConfig(batch_size=0)

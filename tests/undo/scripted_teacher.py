@@ -9,8 +9,8 @@ It derives from the real Teacher base class, so caching and the cost ledger work
 
 from __future__ import annotations
 
+from undo_jax.tasks.svamp import equation_steps
 from undo_jax.teachers import SampleResult, Teacher
-from undo_jax.teachers.reference import equation_steps
 
 GAP_MARKER = "GAP-REPORT: the student drops the last arithmetic step."
 

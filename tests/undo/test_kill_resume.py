@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
+from undo_jax.config import demo_data_path
 from undo_jax.tasks import get_task
 from undo_jax.teachers.reference import reference_rationale
-from undo_jax.teachers.testing_servers import LoopbackServer
+from undo_jax.testing.servers import LoopbackServer
 from undo_jax.undo import prompts
-from undo_jax.undo.loop import demo_data_path
 from undo_jax.undo.rundir import read_jsonl
 
 pytestmark = pytest.mark.slow

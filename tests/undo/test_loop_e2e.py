@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.undo.scripted_teacher import GAP_MARKER, ScriptedTeacher
-from undo_jax.flags import RunConfig, validate
+from undo_jax.config import RunConfig, run_config
 from undo_jax.undo import RunDir, run
 from undo_jax.undo.rundir import read_jsonl
 
@@ -24,7 +24,7 @@ def tiny_config(run_dir: Path, student: Path, **overrides) -> RunConfig:
                 max_length=256, max_new_tokens=12, eval_batch_size=16, eval_chunk=8, max_iterations=2,
                 diagnosis_examples=5, rewrite_examples=2, teacher="reference")
     base.update(overrides)
-    return validate(RunConfig(**base))
+    return run_config(**base)
 
 
 def number(row_id: str) -> int:
@@ -46,8 +46,10 @@ def test_every_stage_ran_and_left_its_outputs(undo_run):
         for stage in stages:
             assert rd.is_done(k, stage), f"iter_{k}/{stage}.DONE missing"
             assert rd.marker_info(k, stage)["seconds"] >= 0
+    # --keep_train_state=last (the default): the optimizer state of the last iteration only, params of every one.
+    assert sorted(p.name for p in (run_dir / "iter_1" / "checkpoint").iterdir()) == ["model.json", "params"]
+    assert (run_dir / "iter_2" / "checkpoint" / "state").is_dir()
     for k in (1, 2):
-        assert (run_dir / f"iter_{k}" / "checkpoint" / "state").is_dir()
         log = read_jsonl(run_dir / f"iter_{k}" / "train_log.jsonl")
         assert [r["step"] for r in log if "loss" in r] == list(range(1, len(log)))
         for split, n in (("val", 8), ("test", 16)):
@@ -224,3 +226,20 @@ def test_regenerate_only_what_the_student_gets_wrong(tiny_student, tmp_path):
         else:
             assert r["origin"] in ("rewrite", "previous")
             assert r["teacher_text"] is not None
+
+
+def test_tensorboard_scalars_are_read_back(undo_run):
+    from undo_jax.undo.tensorboard import read_scalars
+
+    run_dir, _, _ = undo_run
+    scalars = read_scalars(run_dir / "tb")
+    logs = [read_jsonl(run_dir / f"iter_{k}" / "train_log.jsonl") for k in (1, 2)]
+    steps = [[r for r in log if "loss" in r] for log in logs]
+    expected = [(r["step"], r["loss"]) for r in steps[0]] + [(len(steps[0]) + r["step"], r["loss"]) for r in steps[1]]
+    assert [s for s, _ in scalars["train/loss"]] == [s for s, _ in expected]
+    np.testing.assert_allclose([v for _, v in scalars["train/loss"]], [v for _, v in expected], rtol=1e-6)
+    for tag in ("train/lr", "train/grad_norm", "train/tokens_per_s"):
+        assert len(scalars[tag]) == len(expected)
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert scalars["accuracy/validation"] == [(m["iteration"], pytest.approx(m["val_accuracy"])) for m in metrics]
+    assert scalars["accuracy/test"] == [(m["iteration"], pytest.approx(m["test_accuracy"])) for m in metrics]

@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
+from undo_jax.chat import is_messages, render_prompt
 from undo_jax.sampling import engine
 from undo_jax.sampling.memory import check_fits
 from undo_jax.sampling.sample import SamplingSettings
@@ -62,25 +63,17 @@ def _next_power_of_two(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _is_messages(prompt) -> bool:
-    return isinstance(prompt, Sequence) and not isinstance(prompt, str) and all(
-        isinstance(m, Mapping) and "role" in m and "content" in m for m in prompt
-    )
-
-
 def render_prompts(tokenizer, prompts) -> list[list[int]]:
-    """Token ids of each prompt: strings as given (no special tokens added), message lists through
-    the tokenizer's chat template with the generation prompt."""
+    """Token ids of each prompt: strings as given (no special tokens added), message lists rendered by
+    `undo_jax.chat.render_prompt` (the trainer's rendering)."""
     if isinstance(prompts, str | Mapping) or not isinstance(prompts, Sequence):
         raise TypeError(f"prompts must be a list of strings or of chat message lists, got {type(prompts).__name__}")
     texts = []
     for i, prompt in enumerate(prompts):
         if isinstance(prompt, str):
             texts.append(prompt)
-        elif _is_messages(prompt) and len(prompt) > 0:
-            if not getattr(tokenizer, "chat_template", None):
-                raise ValueError(f"prompts[{i}] is a message list but the tokenizer has no chat_template")
-            texts.append(tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False))
+        elif is_messages(prompt) and len(prompt) > 0:
+            texts.append(render_prompt(tokenizer, prompt))
         else:
             raise TypeError(
                 f"prompts[{i}]: expected a string or a non-empty list of {{'role', 'content'}} dicts, "

@@ -10,6 +10,7 @@ from undo_jax.tasks.sources import TaskDataError
 from undo_jax.tasks.svamp import SvampTask
 
 TASK_NAMES = ("svamp", "gsm8k", "math", "mmlu_pro")
+TASK_CHOICES = (*TASK_NAMES, "math500")  # what get_task accepts (math500: MATH with the 500-problem test set)
 _FACTORIES = {"svamp": SvampTask, "gsm8k": Gsm8kTask, "math": MathTask, "mmlu_pro": MmluProTask}
 
 
@@ -22,4 +23,4 @@ def get_task(name: str, **options) -> Task:
     return _FACTORIES[name](**options)
 
 
-__all__ = ["SPLITS", "TASK_NAMES", "Record", "Task", "TaskDataError", "get_task", "subsample"]
+__all__ = ["SPLITS", "TASK_CHOICES", "TASK_NAMES", "Record", "Task", "TaskDataError", "get_task", "subsample"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -176,13 +176,32 @@ class Task:
         return self.canonical_answer(self.extract_answer(text))
 
     def reference_rationale(self, record: Record) -> str | None:
-        """The dataset's gold rationale rewritten to end with this task's final answer line (None if it has none)."""
-        return record.rationale
+        """The dataset's gold rationale, ending with this task's final-answer line (None if it has none).
+
+        The one writer of reference rationales (the reference teacher, tests and benchmarks use it); tasks whose
+        gold solutions need rewriting (GSM8K's calculator notes, SVAMP's equations) override it.
+        """
+        return self.with_final_line(record.rationale, record) if record.rationale else None
+
+    def with_final_line(self, body: str, record: Record) -> str:
+        """`body` ending with the final-answer line of `record`'s answer (added unless already there)."""
+        body, final = body.rstrip(), self.final_answer_line(str(record.answer))
+        if body.endswith(final):
+            return body
+        return f"{body}\n{final}" if body else final
 
     def group_of(self, record: Record) -> str | None:
         if self.breakdown_key is None:
             return None
         return str(record.meta.get(self.breakdown_key))
+
+    def judge(self, prediction: str | None, record: Record) -> dict[str, Any]:
+        """The scored fields of one answer: prediction, correct, and the record's group (if the task has one)."""
+        row: dict[str, Any] = {"prediction": prediction, "correct": bool(self.is_correct(prediction, record))}
+        group = self.group_of(record)
+        if group is not None:
+            row["group"] = group
+        return row
 
     def score(self, completions: Sequence[str], records: Sequence[Record], *,
               extract: Callable[[str], str | None] | None = None) -> dict[str, Any]:
@@ -190,16 +209,18 @@ class Task:
         if len(completions) != len(records):
             raise ValueError(f"score: {len(completions)} completions for {len(records)} records")
         extract = extract or self.extract_answer
-        groups: dict[str, list[int]] = {}
-        correct = 0
-        for text, record in zip(completions, records, strict=True):
-            ok = self.is_correct(extract(text), record)
-            correct += ok
-            group = self.group_of(record)
-            if group is not None:
-                tally = groups.setdefault(group, [0, 0])
-                tally[0] += ok
-                tally[1] += 1
-        n = len(records)
-        breakdown = {g: {"accuracy": c / t, "correct": c, "n": t} for g, (c, t) in sorted(groups.items())}
-        return {"accuracy": correct / n if n else 0.0, "correct": correct, "n": n, "breakdown": breakdown}
+        return summarize(self.judge(extract(text), record) for text, record in zip(completions, records, strict=True))
+
+
+def summarize(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy and per-group breakdown of judged rows (each with "correct" and, maybe, "group")."""
+    rows = list(rows)
+    groups: dict[str, list[int]] = {}
+    for r in rows:
+        if "group" in r:
+            tally = groups.setdefault(str(r["group"]), [0, 0])
+            tally[0] += bool(r["correct"])
+            tally[1] += 1
+    n, correct = len(rows), sum(bool(r["correct"]) for r in rows)
+    breakdown = {g: {"accuracy": c / t, "correct": c, "n": t} for g, (c, t) in sorted(groups.items())}
+    return {"accuracy": correct / n if n else 0.0, "correct": correct, "n": n, "breakdown": breakdown}

@@ -46,5 +46,4 @@ class Gsm8kTask(NumericTask):
         """The gold solution without calculator annotations, its '#### N' line replaced by 'The answer is N.'"""
         if record.rationale is None:
             return None
-        body = _CALCULATOR.sub("", record.rationale.rsplit("####", 1)[0]).rstrip()
-        return f"{body}\n{self.final_answer_line(record.answer)}"
+        return self.with_final_line(_CALCULATOR.sub("", record.rationale.rsplit("####", 1)[0]), record)

@@ -106,8 +106,13 @@ class MmluProTask(Task):
         return prediction is not None and prediction.strip().strip("()") == record.answer
 
     def reference_rationale(self, record: Record) -> str | None:
-        """The official CoT without its "A: " prefix (it already ends with "The answer is (X).")."""
-        if not record.rationale:
-            return None
-        text = record.rationale.strip()
-        return text[3:] if text.startswith("A: ") else text
+        """The official CoT without its "A: " prefix (it already ends with "The answer is (X).").
+
+        Test records have no CoT: the statement of the correct option (no reasoning to imitate)."""
+        text = (record.rationale or "").strip()
+        if text:
+            return self.with_final_line(text[3:] if text.startswith("A: ") else text, record)
+        options = record.meta.get("options") or []
+        idx = LETTERS.find(record.answer) if len(record.answer) == 1 else -1
+        statement = f": {str(options[idx]).strip()}" if 0 <= idx < len(options) else ""
+        return self.with_final_line(f"The correct option is ({record.answer}){statement}.", record)

@@ -9,7 +9,6 @@ Hugging Face ChilleD/SVAMP layout, also the hub default) is used with its own 70
 from __future__ import annotations
 
 import ast
-import operator
 from fractions import Fraction
 from pathlib import Path
 
@@ -22,24 +21,66 @@ TEST_SIZE = 300
 TEST_SPLIT_SEED = 20210601  # fixed: the test split must not move with the run seed
 FIELDS = ("ID", "Body", "Question", "Equation", "Answer", "Type")
 
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
+
+
+def exact_number_text(value: Fraction) -> str:
+    """Exact rendering: integers plainly, terminating decimals as decimals, otherwise a fraction."""
+    if value.denominator == 1:
+        return str(value.numerator)
+    den = value.denominator
+    for p in (2, 5):
+        while den % p == 0:
+            den //= p
+    if den == 1:  # terminating decimal: print exactly
+        sign = "-" if value < 0 else ""
+        v = abs(value)
+        whole, rest = divmod(v.numerator, v.denominator)
+        digits = ""
+        while rest:
+            rest *= 10
+            d, rest = divmod(rest, v.denominator)
+            digits += str(d)
+        return f"{sign}{whole}.{digits}"
+    return f"{value.numerator}/{value.denominator}"
+
+
+def equation_steps(equation: str) -> tuple[list[str], Fraction]:
+    """'( ( 76.0 - 25.0 ) / 3.0 )' -> (['76 - 25 = 51.', '51 / 3 = 17.'], Fraction(17)), in exact arithmetic."""
+    try:
+        tree = ast.parse(equation.strip(), mode="eval").body
+    except SyntaxError as e:
+        raise ValueError(f"SVAMP equation {equation!r} is not an arithmetic expression: {e.msg}") from e
+    steps: list[str] = []
+
+    def walk(node: ast.AST) -> Fraction:
+        if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
+            return Fraction(str(node.value))  # str(): the literal as written, not its binary float
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -walk(node.operand)
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            left, right = walk(node.left), walk(node.right)
+            if isinstance(node.op, ast.Add):
+                out = left + right
+            elif isinstance(node.op, ast.Sub):
+                out = left - right
+            elif isinstance(node.op, ast.Mult):
+                out = left * right
+            elif right == 0:
+                raise ValueError(f"SVAMP equation {equation!r} divides by zero")
+            else:
+                out = left / right
+            steps.append(f"{exact_number_text(left)} {_OPS[type(node.op)]} {exact_number_text(right)} = "
+                         f"{exact_number_text(out)}.")
+            return out
+        raise ValueError(f"SVAMP equation {equation!r}: unsupported element {ast.dump(node)[:60]}")
+
+    return steps, walk(tree)
 
 
 def evaluate_equation(equation: str) -> Fraction:
     """Exact value of an SVAMP infix equation such as "( 76.0 - 25.0 )" (numbers and + - * / only)."""
-
-    def walk(node: ast.AST) -> Fraction:
-        if isinstance(node, ast.Expression):
-            return walk(node.body)
-        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-            return _OPS[type(node.op)](walk(node.left), walk(node.right))
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-            return -walk(node.operand)
-        if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
-            return Fraction(str(node.value))
-        raise ValueError(f"unsupported element in equation {equation!r}")
-
-    return walk(ast.parse(equation.strip(), mode="eval"))
+    return equation_steps(equation)[1]
 
 
 class SvampTask(NumericTask):
@@ -62,6 +103,15 @@ class SvampTask(NumericTask):
             rationale=None,
             meta={"equation": str(row["Equation"]).strip(), "type": str(row["Type"])},
         )
+
+    def reference_rationale(self, record: Record) -> str | None:
+        """The equation as worked steps, innermost first, in exact arithmetic, then the final-answer line."""
+        steps, value = equation_steps(str(record.meta["equation"]))
+        if not steps:  # a bare number: the answer is stated in the problem
+            body = f"The quantity asked for is given directly: {exact_number_text(value)}."
+        else:
+            body = "Let's compute step by step.\n" + "\n".join(steps)
+        return self.with_final_line(body, record)
 
     def _pools(self, source, split: str) -> dict[str, list[Record]]:
         if source is None:

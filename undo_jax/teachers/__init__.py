@@ -9,8 +9,33 @@ from undo_jax.teachers.types import SampleResult, TeacherCallError, TeacherReque
 TEACHER_NAMES = ("gemini", "openai", "local", "reference")
 
 
-def make_teacher(name: str, *, cache_path: str | None = None, **options) -> Teacher:
-    """Build a teacher by name (gemini|openai|local|reference); options go to its constructor."""
+def teacher_options(config) -> dict:
+    """The constructor options of the backend `config` (an `undo_jax.config.TeacherConfig`) names."""
+    prices = {"price_input_per_mtok": config.price_input, "price_output_per_mtok": config.price_output}
+    api = {"concurrency": config.concurrency, "rpm": config.rpm, "tpm": config.tpm, **prices}
+    if config.backend == "reference":
+        return {}
+    if config.backend == "local":
+        return {"model_path": config.model, **prices}
+    options = dict(api)
+    if config.model:
+        options["model"] = config.model
+    if config.base_url:
+        options["base_url"] = config.base_url
+    if config.backend == "gemini":
+        options["thinking_budget"] = config.thinking_budget
+    elif config.api_key_env:
+        options["api_key_env"] = config.api_key_env
+    return options
+
+
+def make_teacher(config, *, cache_path: str | None = None, **options) -> Teacher:
+    """Build a teacher from a `TeacherConfig` (or a backend name: gemini|openai|local|reference); `options` go
+    to its constructor, over those of the config."""
+    if isinstance(config, str):
+        name = config
+    else:
+        name, options = config.backend, {**teacher_options(config), **options}
     if name == "gemini":
         from undo_jax.teachers.gemini import GeminiTeacher as cls
     elif name == "openai":
@@ -36,4 +61,5 @@ __all__ = [
     "TeacherResponse",
     "cache_key",
     "make_teacher",
+    "teacher_options",
 ]

@@ -11,6 +11,7 @@ import os
 from collections import defaultdict
 from typing import Any
 
+from undo_jax.chat import render_prompt
 from undo_jax.teachers.base import Teacher
 from undo_jax.teachers.types import SampleResult
 
@@ -53,7 +54,7 @@ class LocalTeacher(Teacher):
             self._tokenizer = load_tokenizer(self.model_path)
 
     def _prompt_text(self, messages: list[dict[str, str]]) -> str:
-        return self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return render_prompt(self._tokenizer, messages)
 
     def _count(self, text: str) -> int:
         return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -1,24 +1,28 @@
-"""Supervised fine-tuning of the student: completion-only loss, optax AdamW, sharded jitted step, Orbax resume."""
+"""Supervised fine-tuning of the student: completion-only loss, optax AdamW, sharded jitted step, Orbax resume.
 
-from undo_jax.train.checkpoint import (
-    CheckpointMismatchError,
-    epoch_params_dir,
-    restore_model,
-    save_model_checkpoint,
-)
-from undo_jax.train.config import Example, TrainConfig
-from undo_jax.train.data import OverlongPromptError
-from undo_jax.train.trainer import completion_loss, train, train_tokenized
+Names are loaded on first use, so `undo_jax.train.config` (the settings) imports without JAX.
+"""
 
-__all__ = [
-    "CheckpointMismatchError",
-    "Example",
-    "OverlongPromptError",
-    "TrainConfig",
-    "completion_loss",
-    "epoch_params_dir",
-    "restore_model",
-    "save_model_checkpoint",
-    "train",
-    "train_tokenized",
-]
+import importlib
+
+_HOME = {
+    "CheckpointMismatchError": "checkpoint",
+    "epoch_params_dir": "checkpoint",
+    "restore_model": "checkpoint",
+    "save_model_checkpoint": "checkpoint",
+    "Example": "config",
+    "TrainConfig": "config",
+    "OverlongPromptError": "data",
+    "completion_loss": "trainer",
+    "train": "trainer",
+    "train_tokenized": "trainer",
+}
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
+
+
+__all__ = sorted(_HOME)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from undo_jax.configtree import check_fields, setting
+
 SCHEDULES = ("cosine", "linear", "constant")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -26,52 +28,39 @@ class TrainConfig:
     gradients of all micro-batches are summed and divided by the step's completion-token count.
     """
 
-    lr: float = 1e-5
-    epochs: int = 1
-    batch_size: int = 16
-    micro_batch: int = 8
-    max_length: int = 1024
-    warmup_ratio: float = 0.03
-    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
-    min_lr_ratio: float = 0.0  # decay ends at lr * min_lr_ratio
-    weight_decay: float = 0.0  # never applied to norms and biases
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_norm: float = 1.0  # global gradient-norm clip; 0 disables
-    seed: int = 0
-    remat: bool = False  # recompute each decoder layer in the backward pass (less memory, ~1/3 more compute)
-    compute_dtype: str = "float32"  # float32 | bfloat16 (params and optimizer state stay float32)
-    packing: bool = True  # pack several examples per row (segment ids keep them apart); else pad per bucket
-    loss_chunk: int = 2048  # tokens per logits chunk in the loss (bounds the [tokens, vocab] buffer); 0 = one chunk
-    skip_overlong: bool = True  # a prompt that fills max_length: skip and count it (True) or raise (False)
-    save_every: int = 0  # checkpoint every N steps (0: only at epoch ends and the end)
-    keep: int = 2  # checkpoints kept by the Orbax manager
-    save_epoch_params: bool = False  # also write a params-only snapshot at each epoch end (checkpoint_dir/epochs)
-    progress: bool = True  # tqdm bar on the primary process
+    lr: float = setting(1e-5, "Peak learning rate.", gt=0)
+    epochs: int = setting(1, "Epochs of this training call (the loop sets it from --epochs_first/--epochs_later).",
+                          min=1, flag=None)
+    batch_size: int = setting(16, "Examples per optimizer step.", min=1)
+    micro_batch: int = setting(8, "Rows per micro-batch (gradient accumulation).", min=1)
+    max_length: int = setting(1024, "Training sequence length (prompt + rationale tokens).", min=2)
+    warmup_ratio: float = setting(0.03, "Warm-up fraction of the steps.", min=0, max=1)
+    schedule: str = setting("cosine", "Learning-rate decay after warm-up.", choices=SCHEDULES)
+    min_lr_ratio: float = setting(0.0, "The decay ends at lr * min_lr_ratio.", min=0, max=1)
+    weight_decay: float = setting(0.0, "AdamW weight decay (never applied to norms and biases).", min=0)
+    adam_b1: float = setting(0.9, "Adam beta1.", min=0, max=1)
+    adam_b2: float = setting(0.999, "Adam beta2.", min=0, max=1)
+    adam_eps: float = setting(1e-8, "Adam epsilon.", gt=0)
+    clip_norm: float = setting(1.0, "Global gradient-norm clip (0 disables).", min=0)
+    seed: int = setting(0, "Seed of training (data order).")
+    remat: bool = setting(False, "Recompute each decoder layer in the backward pass (less memory, ~1/3 more "
+                                 "compute).")
+    compute_dtype: str = setting("float32", "Training compute dtype (params and optimizer state stay float32).",
+                                 choices=COMPUTE_DTYPES)
+    packing: bool = setting(True, "Pack several examples per row (segment ids keep them apart); else pad per "
+                                  "bucket.")
+    loss_chunk: int = setting(2048, "Tokens per logits chunk in the loss (bounds the [tokens, vocab] buffer); "
+                                    "0 = one chunk.", min=0)
+    skip_overlong: bool = setting(True, "A prompt that fills max_length: skip and count it (else an error).")
+    save_every: int = setting(0, "Trainer checkpoint every N steps (0: epoch ends only).", min=0)
+    keep: int = setting(2, "Step checkpoints the Orbax manager keeps while an iteration trains.", min=1,
+                        flag="keep_checkpoints", identity=False)
+    save_epoch_params: bool = setting(False, "Also write a params-only snapshot at each epoch end.",
+                                      identity=False)
+    progress: bool = setting(True, "tqdm bar on the primary process (the program sets it).", flag=None)
 
     def __post_init__(self):
-        problems = []
-        for name in ("epochs", "batch_size", "micro_batch", "max_length", "keep"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
-        if self.max_length < 2:
-            problems.append(f"max_length must be >= 2 (got {self.max_length})")
-        if self.lr <= 0:
-            problems.append(f"lr must be > 0 (got {self.lr})")
-        if not 0 <= self.warmup_ratio <= 1:
-            problems.append(f"warmup_ratio must be in [0, 1] (got {self.warmup_ratio})")
-        if not 0 <= self.min_lr_ratio <= 1:
-            problems.append(f"min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio})")
-        if self.schedule not in SCHEDULES:
-            problems.append(f"schedule must be one of {', '.join(SCHEDULES)} (got {self.schedule!r})")
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            problems.append(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)} (got {self.compute_dtype!r})")
-        for name in ("weight_decay", "clip_norm", "save_every", "loss_chunk"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} must be >= 0 (got {getattr(self, name)})")
-        if problems:
-            raise ValueError("TrainConfig: " + "; ".join(problems))
+        check_fields(self)  # ConfigError (a ValueError) naming the setting by its flag
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

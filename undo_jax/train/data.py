@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from undo_jax.chat import as_messages, render_prompt, render_reply
 from undo_jax.train.config import Example, TrainConfig
 
 
@@ -50,38 +51,20 @@ class MicroBatch:
 
 
 # ---------------------------------------------------------------- rendering
-def _messages(prompt) -> list[dict[str, str]]:
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    return list(prompt)
-
-
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def render_example(tokenizer, example: Example) -> tuple[list[int], list[int]]:
-    """(prompt ids, completion ids) as the chat template lays them out.
+    """(prompt ids, completion ids) as the chat template lays them out (`undo_jax.chat`).
 
     The prompt is rendered with the generation prompt (what the sampler feeds the model); the
     completion is the rest of the rendered conversation, so it ends with the template's end-of-turn
-    token and the student learns to stop. Templates whose full rendering does not extend the prompt
-    rendering (some re-render earlier turns) fall back to completion + eos.
+    token and the student learns to stop.
     """
-    messages = _messages(example.prompt)
-    if getattr(tokenizer, "chat_template", None):
-        prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        full_text = tokenizer.apply_chat_template(
-            [*messages, {"role": "assistant", "content": example.completion}], tokenize=False
-        )
-        if full_text.startswith(prompt_text):
-            completion_text = full_text[len(prompt_text):]
-        else:
-            completion_text = example.completion + (tokenizer.eos_token or "")
-    else:
-        prompt_text = "\n".join(m["content"] for m in messages) + "\n"
-        completion_text = example.completion + (tokenizer.eos_token or "")
-    return _encode(tokenizer, prompt_text), _encode(tokenizer, completion_text)
+    messages = as_messages(example.prompt)
+    return (_encode(tokenizer, render_prompt(tokenizer, messages)),
+            _encode(tokenizer, render_reply(tokenizer, messages, example.completion)))
 
 
 def tokenize_examples(tokenizer, examples: Sequence[Example], config: TrainConfig

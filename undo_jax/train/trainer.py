@@ -20,9 +20,16 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
-from undo_jax.sharding import BATCH_AXES, make_mesh, param_shardings, replicated
+from undo_jax.sharding import (
+    batch_row_multiple,
+    batch_sharding,
+    check_rows_fit_mesh,
+    make_mesh,
+    param_shardings,
+    replicated,
+)
 from undo_jax.train import data as data_lib
 from undo_jax.train.checkpoint import (
     CheckpointMismatchError,
@@ -162,7 +169,7 @@ def _step_programs(graphdef, config: TrainConfig, total_steps: int, mesh, params
     opt_sh = optimizer_state_shardings(opt_shapes, jax.tree.structure(params_host), params_sh, mesh)
     state_sh = {"params": params_sh, "opt_state": opt_sh, "step": rep}
     acc_sh = {"grads": params_sh, "loss_sum": rep, "count": rep}
-    batch_sh = NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
+    batch_sh = batch_sharding(mesh)
     mb_sh = dict.fromkeys(BATCH_KEYS, batch_sh)
     programs = _StepPrograms(
         tx=tx, params_sh=params_sh, opt_sh=opt_sh, opt_shapes=opt_shapes, batch_sh=batch_sh,
@@ -233,10 +240,8 @@ def train_tokenized(
         raise ValueError("train: the dataset is empty (no examples)")
     mesh = make_mesh() if mesh is None else mesh
     primary = jax.process_index() == 0
-    row_multiple = mesh.shape["data"] * mesh.shape["fsdp"]
-    if config.micro_batch % row_multiple:
-        raise ValueError(f"train: micro_batch={config.micro_batch} is not a multiple of the mesh's batch shards "
-                         f"(data x fsdp = {row_multiple})")
+    row_multiple = batch_row_multiple(mesh)
+    check_rows_fit_mesh(config.micro_batch, mesh, what="train: micro_batch")
     per_epoch = data_lib.steps_per_epoch(len(seqs), config.batch_size)
     total_steps = config.epochs * per_epoch
     data_fingerprint = data_lib.fingerprint(seqs)
@@ -377,11 +382,11 @@ def completion_loss(model: nnx.Module, tokenizer, examples: Sequence[Example], c
     if not seqs:
         raise ValueError("completion_loss: no examples to score")
     mesh = make_mesh() if mesh is None else mesh
-    row_multiple = mesh.shape["data"] * mesh.shape["fsdp"]
+    row_multiple = batch_row_multiple(mesh)
     graphdef, _, _ = compute_graphdef(model, config.compute_dtype)
     params = nnx.state(model, nnx.Param).to_pure_dict()
     params_sh = param_shardings(params_host_state(graphdef, params), mesh).to_pure_dict()
-    batch_sh = NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
+    batch_sh = batch_sharding(mesh)
 
     def loss_sum(p, batch):
         return completion_loss_sum(nnx.merge(graphdef, p), batch, chunk=config.loss_chunk)

@@ -1,4 +1,4 @@
-"""The UNDO loop: stages, run directory, resume, convergence, report (see DESIGN.md)."""
+"""The UNDO loop: stages, run directory, resume, convergence, report (see docs/DESIGN.md)."""
 
 from undo_jax.undo.convergence import best_iteration, stop_reason
 from undo_jax.undo.loop import UndoError, UndoRun, run

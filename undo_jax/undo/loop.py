@@ -1,4 +1,4 @@
-"""The UNDO loop (DESIGN.md): teacher rationales -> fine-tune -> evaluate -> gap analysis -> regenerate -> ...
+"""The UNDO loop (docs/DESIGN.md): teacher rationales -> fine-tune -> evaluate -> gap analysis -> regenerate -> ...
 
 Every stage of every iteration is persisted with a `<stage>.DONE` marker written after its outputs are
 in place; a re-run of the same command skips finished stages and resumes the unfinished one (the teacher
@@ -10,98 +10,38 @@ trains, samples and checkpoints, and teacher data reaches the others through the
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import logging
 import os
 import time
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from undo_jax import distributed
-from undo_jax.flags import DEMO_DATA, RunConfig
-from undo_jax.undo import prompts
+from undo_jax.config import RunConfig, identity_defaults
+from undo_jax.configtree import to_flag_lines, to_json
 from undo_jax.undo.convergence import best_iteration, stop_reason
-from undo_jax.undo.rundir import RunDir, atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
-from undo_jax.undo.student import (
-    EvalSettings,
-    StudentError,
-    evaluate_records,
-    load_model,
-    load_tokenizer,
-    restore_into,
-)
+from undo_jax.undo.data_plan import Stage, choose_data_plan, ledger_delta, merge_usage
+from undo_jax.undo.prepare import UndoError, load_splits, make_run_mesh
+from undo_jax.undo.rundir import RunDir, RunLock, atomic_write_json, atomic_write_jsonl, read_jsonl
+from undo_jax.undo.student import StudentError, evaluate_records, load_model, load_tokenizer, restore_into
+from undo_jax.undo.tensorboard import ScalarLog
 
 log = logging.getLogger("undo_jax.undo")
 
-LEDGER_FIELDS = ("calls", "cache_hits", "errors", "retries", "input_tokens", "output_tokens", "cost_usd")
-
-
-class UndoError(RuntimeError):
-    """The run cannot go on (message: one line naming what and where)."""
-
-
-def demo_data_path() -> str:
-    return str(resources.files("undo_jax").joinpath("data", "demo_arith.jsonl"))
-
-
-def resolve_data_source(source: str | None) -> str | None:
-    if source == DEMO_DATA:
-        return demo_data_path()
-    if source is not None and not os.path.exists(source):
-        raise UndoError(f"--data_source={source}: no such file or directory")
-    return source
-
-
-def ledger_delta(before: dict[str, dict], after: dict[str, dict]) -> dict[str, dict]:
-    """Per backend/model: what a stage added to the teacher's cost ledger."""
-    out = {}
-    for name, entry in after.items():
-        old = before.get(name, {})
-        delta = {f: entry.get(f, 0) - old.get(f, 0) for f in LEDGER_FIELDS}
-        if any(delta.values()):
-            out[name] = delta
-    return out
-
-
-# ----- pure row builders (the data.jsonl records) -------------------------------------------------------------
-def first_rationale_row(task, record, response, *, filter_wrong: bool) -> dict[str, Any]:
-    text = response.texts[0] if response.texts else None
-    prediction = task.extract_answer(text) if text else None
-    correct = bool(text) and task.is_correct(prediction, record)
-    kept = bool(text) and (correct or not filter_wrong)
-    return {"id": record.id, "question": record.question, "answer": record.answer,
-            "rationale": text if kept else None, "teacher_text": text, "teacher_prediction": prediction,
-            "teacher_correct": correct, "kept": kept, "origin": "teacher", "error": response.error}
-
-
-def rewrite_row(task, record, response, previous: dict[str, Any] | None) -> dict[str, Any]:
-    """The rewrite if its final answer is right, else the previous rationale (or nothing)."""
-    text = response.texts[0] if response.texts else None
-    prediction = task.extract_answer(text) if text else None
-    correct = bool(text) and task.is_correct(prediction, record)
-    prev_rationale = (previous or {}).get("rationale")
-    if correct:
-        rationale, origin = text, "rewrite"
-    else:
-        rationale, origin = prev_rationale, "previous"
-    return {"id": record.id, "question": record.question, "answer": record.answer, "rationale": rationale,
-            "teacher_text": text, "teacher_prediction": prediction, "teacher_correct": correct,
-            "kept": rationale is not None, "origin": origin, "error": response.error,
-            "changed": rationale is not None and rationale != prev_rationale}
-
-
-def carried_row(previous: dict[str, Any], origin: str) -> dict[str, Any]:
-    return {**previous, "origin": origin, "changed": False}
+# Per stage: teacher requests asked, finally failed, unusable at first, still unusable after the one retry.
+TALLY_FIELDS = ("requests", "failed", "unusable", "unusable_after_retry")
 
 
 class UndoRun:
-    """One run of the loop over a run directory. `teacher` overrides the flag-built teacher (tests)."""
+    """One run of the loop over a run directory. `teacher` overrides the config-built teacher (tests)."""
 
     def __init__(self, cfg: RunConfig, *, teacher=None, progress: bool = False):
         self.cfg = cfg
         self.rd = RunDir(cfg.run_dir)
         self.primary = distributed.is_primary()
         self.progress = progress
+        self.plan = choose_data_plan(cfg.loop)
         self._teacher = teacher
         self._owns_teacher = teacher is None
         self._model = None
@@ -109,69 +49,42 @@ class UndoRun:
         self.mesh = None
         self.task = None
         self.splits: dict[str, list] = {}
+        self.tally = dict.fromkeys(TALLY_FIELDS, 0)
+        self.lock = RunLock(cfg.run_dir)
+        self.scalars = ScalarLog(self.rd.root / "tb", enabled=cfg.output.tensorboard and self.primary)
 
     # ----- setup -------------------------------------------------------------------------------------------
     def preflight(self) -> None:
         """Everything that can fail cheaply fails here, before any model is loaded or teacher called."""
         cfg = self.cfg
         if self.primary:
-            self.rd.prepare(cfg.to_flag_lines(), cfg.identity(), allow_change=cfg.allow_flag_change)
+            self.rd.ensure_writable()
+            self.lock.acquire()
+            if self.lock.previous:
+                log.warning("took over the lock of a run that is gone (pid %s on %s)", self.lock.previous.get("pid"),
+                            self.lock.previous.get("host"))
+            self.rd.prepare(to_flag_lines(cfg), cfg.identity(), allow_change=cfg.output.allow_flag_change,
+                            defaults=identity_defaults())
+            atomic_write_json(self.rd.config_path, to_json(cfg))
         distributed.sync("undo-prepare")
-        from undo_jax.tasks import TaskDataError, get_task
-
-        self.task = get_task(cfg.task)
-        source = resolve_data_source(cfg.data_source)
-        try:
-            train = self.task.load("train", source, val_size=cfg.val_size, seed=cfg.data_seed)
-            val = self.task.load("validation", source, val_size=cfg.val_size, seed=cfg.data_seed)
-            test = self.task.load("test", source, val_size=cfg.val_size, seed=cfg.data_seed)
-        except (TaskDataError, FileNotFoundError, ValueError) as e:
-            raise UndoError(f"task {cfg.task} data ({source or 'hub'}): {e}") from None
-        if cfg.train_size:
-            train = train[: cfg.train_size]
-        if cfg.test_size:
-            test = test[: cfg.test_size]
-        self.splits = {"train": train, "validation": val, "test": test}
-        log.info("data: %d train, %d validation, %d test", len(train), len(val), len(test))
+        problem = self.scalars.check()
+        if problem:
+            raise UndoError(problem)
+        self.task, self.splits = load_splits(cfg.task)
+        log.info("data: %d train, %d validation, %d test", *(len(self.splits[s]) for s in ("train", "validation",
+                                                                                           "test")))
         if self.primary and self._teacher is None:
             self._teacher = self._make_teacher()
-        self.tokenizer = load_tokenizer(cfg.student)
-        from undo_jax.sharding import make_mesh
-
-        try:
-            self.mesh = make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor)
-        except ValueError as e:
-            raise UndoError(f"--mesh_*: {e}") from None
-        row_multiple = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        if cfg.micro_batch % row_multiple:
-            raise UndoError(f"--micro_batch={cfg.micro_batch} is not a multiple of the mesh's batch shards "
-                            f"(data x fsdp = {row_multiple})")
+        self.tokenizer = load_tokenizer(cfg.student.source)
+        self.mesh = make_run_mesh(cfg.mesh, micro_batch=cfg.train.micro_batch)
 
     def _make_teacher(self):
         from undo_jax.teachers import make_teacher
 
-        cfg = self.cfg
-        prices = {"price_input_per_mtok": cfg.teacher_price_input, "price_output_per_mtok": cfg.teacher_price_output}
-        api = {"concurrency": cfg.teacher_concurrency, "rpm": cfg.teacher_rpm, "tpm": cfg.teacher_tpm, **prices}
-        options: dict[str, Any]
-        if cfg.teacher == "reference":
-            options = {}
-        elif cfg.teacher == "gemini":
-            options = {**api, "thinking_budget": cfg.teacher_thinking_budget, "base_url": cfg.teacher_base_url}
-            if cfg.teacher_model:
-                options["model"] = cfg.teacher_model
-        elif cfg.teacher == "openai":
-            options = {**api, "model": cfg.teacher_model}
-            if cfg.teacher_base_url:
-                options["base_url"] = cfg.teacher_base_url
-            if cfg.teacher_api_key_env:
-                options["api_key_env"] = cfg.teacher_api_key_env
-        else:
-            options = {"model_path": cfg.teacher_model, **prices}
         try:
-            return make_teacher(cfg.teacher, cache_path=str(self.rd.cache_path), **options)
+            return make_teacher(self.cfg.teacher, cache_path=str(self.rd.cache_path))
         except (ValueError, ImportError, OSError) as e:
-            raise UndoError(f"--teacher={cfg.teacher}: {e}") from None
+            raise UndoError(f"--teacher={self.cfg.teacher.backend}: {e}") from None
 
     @property
     def teacher(self):
@@ -181,76 +94,77 @@ class UndoRun:
 
     @property
     def teacher_settings(self) -> dict[str, Any]:
-        return {"temperature": self.cfg.teacher_temperature, "max_output_tokens": self.cfg.teacher_max_output_tokens}
+        return {"temperature": self.cfg.teacher.temperature, "max_output_tokens": self.cfg.teacher.max_output_tokens}
 
     def close(self) -> None:
+        self.scalars.close()
+        self.lock.release()
         if self._owns_teacher and self._teacher is not None:
             self._teacher.close()
             self._teacher = None
 
     # ----- stage machinery ---------------------------------------------------------------------------------
-    def stage(self, k: int, name: str, fn, *, primary_only: bool = False) -> dict[str, Any]:
-        """Run `fn` unless iter_k/<name>.DONE exists; record its wall time (and what it returns) in the marker."""
+    def stage(self, stage: Stage) -> dict[str, Any]:
+        """Run a stage unless iter_k/<name>.DONE exists; record its wall time (and what it returns) in the marker."""
+        k, name = stage.k, stage.name
         # One decision for all processes: one could read the marker before process 0 writes it, another after.
         if distributed.primary_decides(self.rd.is_done(k, name)):
             return self.rd.marker_info(k, name) or {}
         log.info("iteration %d: %s", k, name)
         start = time.time()
         info: dict[str, Any] = {}
-        if self.primary or not primary_only:
-            info = fn() or {}
+        self.tally = dict.fromkeys(TALLY_FIELDS, 0)
+        if self.primary or not stage.primary_only:
+            info = stage.fn() or {}
+        if self.tally["requests"]:
+            info["teacher_quality"] = dict(self.tally)
         info["seconds"] = round(time.time() - start, 3)
         if self.primary:
             self.rd.mark_done(k, name, info)
         distributed.sync(f"undo-{name}-{k}")
         return info
 
-    def ask_teacher(self, requests) -> tuple[list, dict[str, dict]]:
+    def ask_teacher(self, requests, *, problem=None) -> tuple[list, dict[str, dict]]:
+        """The teacher's responses and ledger usage. An answer `problem(response)` finds unusable is asked
+        once more (another cache salt, so the retry is cached too); what the stage asked, what finally failed
+        and what stayed unusable is tallied in `self.tally` (recorded in the stage's marker)."""
+        requests = list(requests)
+        if not requests:
+            return [], {}
+        responses, usage = self._ask(requests)
+        if problem is not None:
+            weak = [i for i, r in enumerate(responses) if r.ok and problem(r)]
+            self.tally["unusable"] += len(weak)
+            if weak:
+                again, more = self._ask([dataclasses.replace(requests[i], cache_salt=f"{requests[i].cache_salt}"
+                                                             f"|retry-unusable") for i in weak])
+                for i, response in zip(weak, again, strict=True):
+                    responses[i] = response
+                usage = merge_usage(usage, more)
+                self.tally["unusable_after_retry"] += sum(r.ok and bool(problem(r)) for r in again)
+        self.tally["requests"] += len(requests)
+        self.tally["failed"] += sum(not r.ok for r in responses)
+        return responses, usage
+
+    def _ask(self, requests) -> tuple[list, dict[str, dict]]:
         before = self.teacher.ledger.to_dict()
         responses = self.teacher.generate(requests, progress=self.progress)
         return responses, ledger_delta(before, self.teacher.ledger.to_dict())
 
-    # ----- data stages -------------------------------------------------------------------------------------
+    # ----- what the data strategies read and write ---------------------------------------------------------
     def data_rows(self, k: int) -> list[dict[str, Any]]:
         return read_jsonl(self.rd.iter_dir(k) / "data.jsonl")
 
-    def stage_first_data(self) -> dict[str, Any]:
-        cfg, task = self.cfg, self.task
-        train = self.splits["train"]
-        usage: dict[str, dict] = {}
-        if cfg.teacher_data_from:
-            rows = self._transfer_rows(train)
-        else:
-            responses, usage = self.ask_teacher([prompts.rationale_request(task, r, self.teacher_settings)
-                                                 for r in train])
-            rows = [first_rationale_row(task, r, resp, filter_wrong=cfg.filter_wrong)
-                    for r, resp in zip(train, responses, strict=True)]
-        info: dict[str, Any] = {"teacher": usage}
-        if cfg.mode == "undo":
-            # The gap analysis shows the teacher its own solution of each failed validation question.
-            val = self.splits["validation"]
-            responses, val_usage = self.ask_teacher([prompts.rationale_request(task, r, self.teacher_settings)
-                                                     for r in val])
-            val_rows = [first_rationale_row(task, r, resp, filter_wrong=False)
-                        for r, resp in zip(val, responses, strict=True)]
-            atomic_write_jsonl(self.rd.iter_dir(1) / "val_rationales.jsonl", val_rows)
-            info["teacher"] = _merge_usage(usage, val_usage)
-        return self._finish_data(1, rows, info)
-
-    def _transfer_rows(self, train) -> list[dict[str, Any]]:
-        source = Path(self.cfg.teacher_data_from) / "data.jsonl"
-        by_id = {r["id"]: r for r in read_jsonl(source)}
-        missing = [r.id for r in train if r.id not in by_id]
-        if len(missing) == len(train):
-            raise UndoError(f"--teacher_data_from={self.cfg.teacher_data_from}: none of this run's training questions "
-                            f"are in {source} (another task or split?)")
-        rows = []
-        for r in train:
-            if r.id in by_id:
-                rows.append(carried_row(by_id[r.id], f"transfer:{self.cfg.teacher_data_from}"))
-        return rows
-
-    def _finish_data(self, k: int, rows: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, Any]:
+    def finish_data(self, k: int, rows: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, Any]:
+        """Write iteration k's data.jsonl, unless more of the stage's teacher calls failed than allowed: then
+        stop (the stage stays unfinished, and a re-run asks exactly the failed requests again)."""
+        failed, asked = self.tally["failed"], self.tally["requests"]
+        allowed = self.cfg.loop.max_teacher_failures
+        if failed and failed > allowed * asked:
+            first = next((r["error"] for r in rows if r.get("error")), None) or "see the log"
+            raise UndoError(f"iteration {k}: {failed} of {asked} teacher requests failed (more than "
+                            f"--max_teacher_failures={allowed:g}; first: {first}); re-run to retry exactly those "
+                            f"(the others are cached)")
         kept = sum(bool(r["kept"]) for r in rows)
         if kept == 0:
             errors = [r["error"] for r in rows if r.get("error")]
@@ -258,7 +172,8 @@ class UndoRun:
             raise UndoError(f"iteration {k}: no usable rationale among {len(rows)} (all wrong or failed){hint}")
         atomic_write_jsonl(self.rd.iter_dir(k) / "data.jsonl", rows)
         return {**info, "rows": len(rows), "kept": kept, "changed": sum(bool(r.get("changed")) for r in rows),
-                "teacher_errors": sum(bool(r.get("error")) for r in rows)}
+                "teacher_errors": sum(bool(r.get("error")) for r in rows),
+                "failed_ids": [r["id"] for r in rows if r.get("error")]}
 
     def failures(self, k: int) -> list[dict[str, Any]]:
         """Validation failures of iteration k's student, with the teacher's own solution of each."""
@@ -280,52 +195,18 @@ class UndoRun:
                 out.append(entry)
         return out
 
-    def stage_gaps(self, k: int) -> dict[str, Any]:
-        failures = self.failures(k - 1)[: self.cfg.diagnosis_examples]
-        request = prompts.gaps_request(self.task, failures, self.history(k - 1), self.teacher_settings)
-        (response,), usage = self.ask_teacher([request])
-        if response.error or not response.texts:
-            raise UndoError(f"iteration {k}: the teacher's gap analysis failed ({response.error or 'empty answer'})")
-        atomic_write_text(self.rd.iter_dir(k) / "gaps.md", response.texts[0].strip() + "\n")
-        return {"teacher": usage, "failures_shown": len(failures)}
-
-    def stage_regenerate(self, k: int) -> dict[str, Any]:
-        cfg, task = self.cfg, self.task
-        previous = {r["id"]: r for r in self.data_rows(k - 1)}
-        gaps = (self.rd.iter_dir(k) / "gaps.md").read_text(encoding="utf-8")
-        examples = self.failures(k - 1)[: cfg.rewrite_examples]
-        train = self.splits["train"]
-        if cfg.regenerate == "wrong":
-            wrong = {r["id"] for r in read_jsonl(self.rd.iter_dir(k - 1) / "eval_train.jsonl") if not r["correct"]}
-            chosen = [r for r in train if r.id in wrong]
-        else:
-            chosen = list(train)
-        requests = [prompts.rewrite_request(task, r, (previous.get(r.id) or {}).get("rationale"), gaps, examples,
-                                            self.teacher_settings) for r in chosen]
-        responses, usage = self.ask_teacher(requests) if requests else ([], {})
-        rewritten = {r.id: rewrite_row(task, r, resp, previous.get(r.id))
-                     for r, resp in zip(chosen, responses, strict=True)}
-        rows = []
-        for r in train:
-            if r.id in rewritten:
-                rows.append(rewritten[r.id])
-            elif r.id in previous:
-                rows.append(carried_row(previous[r.id], "previous"))
-        return self._finish_data(k, rows, {"teacher": usage, "rewritten": len(chosen),
-                                           "rewrite_wrong": sum(not v["teacher_correct"] for v in rewritten.values())})
-
-    def stage_copy_first(self, k: int) -> dict[str, Any]:
-        rows = [carried_row(r, "iteration_1") for r in self.data_rows(1)]
-        return self._finish_data(k, rows, {"teacher": {}})
-
     # ----- student stages ----------------------------------------------------------------------------------
     def base_model(self):
-        return load_model(self.cfg.student, param_dtype=self.cfg.param_dtype, mesh=self.mesh)
+        return load_model(self.cfg.student.source, param_dtype=self.cfg.student.param_dtype, mesh=self.mesh)
 
     def model_of(self, k: int):
         """The student after iteration k (0 = base), reusing the one in memory when it matches."""
-        if self._model is not None and self._model_iter == k:
-            return self._model
+        if self._model is None or self._model_iter != k:
+            self._model, self._model_iter = self.load_iteration(k), k
+        return self._model
+
+    def load_iteration(self, k: int):
+        """The student after iteration k, freshly loaded (the in-memory one is left as it is)."""
         model = self.base_model()
         if k > 0:
             try:
@@ -333,59 +214,105 @@ class UndoRun:
             except StudentError as e:
                 raise StudentError(f"{e}; to retrain iteration {k}, move iter_{k}/checkpoint and iter_{k}/train.DONE "
                                    f"away and re-run") from None
-        self._model, self._model_iter = model, k
         return model
 
-    def epochs_of(self, k: int) -> int:
-        if k == 1 or self.cfg.retrain == "base":
-            return self.cfg.epochs_first
-        return self.cfg.epochs_later
+    def starts_from(self, k: int) -> int:
+        """The iteration whose student iteration k trains on (0 = the base)."""
+        return 0 if (k == 1 or self.cfg.loop.retrain == "base") else k - 1
+
+    def train_config(self, k: int):
+        """The run's TrainConfig with this iteration's epochs (first: --epochs_first; later: --epochs_later)."""
+        epochs = self.cfg.loop.epochs_first if self.starts_from(k) == 0 else self.cfg.loop.epochs_later
+        return dataclasses.replace(self.cfg.train, epochs=epochs, progress=self.progress)
 
     def stage_train(self, k: int) -> dict[str, Any]:
-        from undo_jax.train import Example, TrainConfig, train
+        from undo_jax.train import Example, train
 
-        cfg, task = self.cfg, self.task
+        task = self.task
         by_id = {r.id: r for r in self.splits["train"]}
         rows = [r for r in self.data_rows(k) if r["kept"]]
         examples = [Example(prompt=task.prompt_messages(by_id[r["id"]]), completion=r["rationale"])
                     for r in rows if r["id"] in by_id]
         if not examples:
             raise UndoError(f"iteration {k}: no training examples in {self.rd.iter_dir(k) / 'data.jsonl'}")
-        start_from = 0 if (k == 1 or cfg.retrain == "base") else k - 1
+        start_from = self.starts_from(k)
         model = self.model_of(start_from)
         self._model, self._model_iter = None, None  # trained in place: no longer iteration start_from's student
-        config = TrainConfig(lr=cfg.lr, epochs=self.epochs_of(k), batch_size=cfg.batch_size,
-                             micro_batch=cfg.micro_batch, max_length=cfg.max_length, warmup_ratio=cfg.warmup_ratio,
-                             seed=cfg.seed, compute_dtype=cfg.compute_dtype, save_every=cfg.save_every, keep=1,
-                             progress=self.progress)
+        config = self.train_config(k)
         ckpt = self.rd.iter_dir(k) / "checkpoint"
         try:
             model = train(model, self.tokenizer, examples, config, mesh=self.mesh, checkpoint_dir=ckpt,
                           log_path=self.rd.iter_dir(k) / "train_log.jsonl")
         except ValueError as e:  # a checkpoint of other data/settings, or nothing trainable
             raise UndoError(f"iteration {k} training: {e}") from None
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise UndoError(f"iteration {k}: disk full while saving the checkpoint under {ckpt} ({e.strerror}); the "
+                            f"previous checkpoint is intact: free space (or pass --keep_train_state=last/none) and "
+                            f"re-run to resume from it") from None
         except Exception as e:  # noqa: BLE001 - a damaged Orbax checkpoint surfaces as many types
             if ckpt.exists() and "checkpoint" in f"{type(e).__name__} {e}".lower():
                 raise UndoError(f"iteration {k}: checkpoint {ckpt} is corrupt or unreadable "
                                 f"({type(e).__name__}); move it away to retrain this iteration") from None
             raise
         self._model, self._model_iter = model, k
+        self.scalars.train_steps(read_jsonl(self.rd.iter_dir(k) / "train_log.jsonl"), step_offset=self.steps_before(k))
         return {"examples": len(examples), "epochs": config.epochs, "from_iteration": start_from}
 
-    def eval_settings(self) -> EvalSettings:
-        cfg = self.cfg
-        return EvalSettings(max_new_tokens=cfg.max_new_tokens, maj_k=cfg.maj_k, temperature=cfg.eval_temperature,
-                            batch_size=cfg.eval_batch_size, chunk=cfg.eval_chunk, seed=cfg.seed)
+    def steps_before(self, k: int) -> int:
+        """Optimizer steps of iterations 1..k-1 (TensorBoard's training step counts on across iterations)."""
+        total = 0
+        for j in range(1, k):
+            path = self.rd.iter_dir(j) / "train_log.jsonl"
+            if path.is_file():
+                total += max((int(r["step"]) for r in read_jsonl(path) if "loss" in r), default=0)
+        return total
 
     def stage_eval(self, k: int, split: str) -> dict[str, Any]:
         name = {"validation": "eval_val", "test": "eval_test", "train": "eval_train"}[split]
         model = self.model_of(k)
-        summary = evaluate_records(model, self.tokenizer, self.task, self.splits[split], self.eval_settings(),
+        summary = evaluate_records(model, self.tokenizer, self.task, self.splits[split], self.cfg.eval,
                                    self.rd.iter_dir(k) / f"{name}.jsonl", mesh=self.mesh, progress=self.progress,
                                    write=self.primary)
         log.info("iteration %d: %s accuracy %.1f%% (%d/%d)", k, split, 100 * summary["accuracy"],
                  summary["correct"], summary["n"])
+        self.scalars.accuracy(split, k, summary["accuracy"])
         return {"summary": summary}
+
+    def stage_prune_state(self, k: int) -> dict[str, Any]:
+        """--keep_train_state: replace the full training state (params + optimizer state) of finished iterations
+        by a params-only snapshot (what later stages, `final/` and `evaluate` read): `last` keeps the state of
+        iteration k only, `none` of no iteration, `all` of every one. Params are written (and complete) before
+        the state is removed, so a kill in between leaves both."""
+        import shutil
+
+        from undo_jax.train import save_model_checkpoint
+        from undo_jax.train.checkpoint import PARAMS_SUBDIR, STATE_SUBDIR
+
+        keep = self.cfg.output.keep_train_state
+        if keep == "all":
+            return {"pruned": []}
+        last = k if keep == "none" else k - 1
+        pruned = []
+        for j in range(1, last + 1):
+            ckpt = self.rd.iter_dir(j) / "checkpoint"
+            if not distributed.primary_decides((ckpt / STATE_SUBDIR).is_dir()):
+                continue
+            if not distributed.primary_decides((ckpt / PARAMS_SUBDIR).is_dir()):
+                model = self._model if self._model_iter == j else self.load_iteration(j)
+                save_model_checkpoint(model, ckpt)  # every process takes part (Orbax writes sharded arrays)
+            distributed.sync(f"undo-prune-{j}")
+            if self.primary:
+                shutil.rmtree(ckpt / STATE_SUBDIR)
+            pruned.append(j)
+        return {"pruned": pruned}
+
+    def student_stages(self, k: int) -> list[Stage]:
+        train = [Stage(k, "train", lambda: self.stage_train(k)),
+                 Stage(k, "prune_state", lambda: self.stage_prune_state(k))] if k > 0 else []
+        return [*train, Stage(k, "eval_val", lambda: self.stage_eval(k, "validation")),
+                Stage(k, "eval_test", lambda: self.stage_eval(k, "test"))]
 
     # ----- metrics, export, report -------------------------------------------------------------------------
     def metrics(self) -> list[dict[str, Any]]:
@@ -398,7 +325,7 @@ class UndoRun:
             train = self.rd.marker_info(k, "train") or {}
             if k > 0:
                 epochs = train.get("epochs", 0) + (epochs if train.get("from_iteration", 0) else 0)
-            out.append({"iteration": k, "mode": self.cfg.mode, "epochs": epochs,
+            out.append({"iteration": k, "mode": self.cfg.loop.mode, "epochs": epochs,
                         "train_examples": train.get("examples"),
                         "val_accuracy": val["summary"]["accuracy"], "test_accuracy": test["summary"]["accuracy"],
                         "val_n": val["summary"]["n"], "test_n": test["summary"]["n"]})
@@ -426,37 +353,28 @@ class UndoRun:
             if final.exists():  # an export of another iteration (or one cut short): keep it aside, never delete
                 os.replace(final, final.with_name(f"final.replaced-{time.strftime('%Y%m%d-%H%M%S')}"))
             save_pretrained(model, final, tokenizer=self.tokenizer)
-            atomic_write_json(info_path, {"iteration": best, "student": self.cfg.student, "mode": self.cfg.mode})
+            atomic_write_json(info_path, {"iteration": best, "student": self.cfg.student.source,
+                                          "mode": self.cfg.loop.mode})
         distributed.sync("undo-export")
 
     # ----- the loop ----------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        cfg = self.cfg
+        loop = self.cfg.loop
         try:
             self.preflight()
-            if cfg.eval_base:
-                self.stage(0, "eval_val", lambda: self.stage_eval(0, "validation"))
-                self.stage(0, "eval_test", lambda: self.stage_eval(0, "test"))
+            if loop.eval_base:
+                for stage in self.student_stages(0):
+                    self.stage(stage)
             reason = None
             k = 0
             while reason is None:
                 k += 1
-                if k == 1:
-                    self.stage(1, "data", self.stage_first_data, primary_only=True)
-                elif cfg.mode == "undo":
-                    if cfg.regenerate == "wrong":
-                        self.stage(k - 1, "eval_train", lambda j=k - 1: self.stage_eval(j, "train"))
-                    self.stage(k, "gaps", lambda j=k: self.stage_gaps(j), primary_only=True)
-                    self.stage(k, "data", lambda j=k: self.stage_regenerate(j), primary_only=True)
-                else:
-                    self.stage(k, "data", lambda j=k: self.stage_copy_first(j), primary_only=True)
-                self.stage(k, "train", lambda j=k: self.stage_train(j))
-                self.stage(k, "eval_val", lambda j=k: self.stage_eval(j, "validation"))
-                self.stage(k, "eval_test", lambda j=k: self.stage_eval(j, "test"))
+                for stage in [*self.plan.for_iteration(k).stages(self, k), *self.student_stages(k)]:
+                    self.stage(stage)
                 metrics = [m for m in self.write_metrics() if 1 <= m["iteration"] <= k]
-                reason = stop_reason([m["val_accuracy"] for m in metrics], epsilon_points=cfg.epsilon,
-                                     patience=cfg.patience, max_iterations=cfg.max_iterations,
-                                     early_stop=cfg.mode == "undo")
+                reason = stop_reason([m["val_accuracy"] for m in metrics], epsilon_points=loop.epsilon,
+                                     patience=loop.patience, max_iterations=loop.max_iterations,
+                                     early_stop=self.plan.early_stop)
             metrics = [m for m in self.write_metrics() if 1 <= m["iteration"] <= k]
             best = best_iteration([m["val_accuracy"] for m in metrics])
             self.export_final(best)
@@ -467,19 +385,10 @@ class UndoRun:
                 atomic_write_json(self.rd.state_path, state)
                 from undo_jax.undo.report import write_report
 
-                write_report(self.rd, cfg)
+                write_report(self.rd, self.cfg)
             return state
         finally:
             self.close()
-
-
-def _merge_usage(a: dict[str, dict], b: dict[str, dict]) -> dict[str, dict]:
-    out = {k: dict(v) for k, v in a.items()}
-    for name, entry in b.items():
-        tgt = out.setdefault(name, dict.fromkeys(LEDGER_FIELDS, 0))
-        for f in LEDGER_FIELDS:
-            tgt[f] = tgt.get(f, 0) + entry.get(f, 0)
-    return out
 
 
 def run(cfg: RunConfig, *, teacher=None, progress: bool = False) -> dict[str, Any]:

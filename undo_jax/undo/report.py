@@ -88,6 +88,26 @@ def _pct(x: float | None) -> str:
     return "" if x is None else f"{100 * x:.1f}"
 
 
+def teacher_quality_lines(rd: RunDir) -> list[str]:
+    """Per teacher stage: requests, final failures (with the questions lost), unusable answers (before/after the
+    one retry), and a gap report used although weak (--allow_weak_gap_report)."""
+    rows = []
+    for k in rd.iterations():
+        for stage in ("data", "gaps"):
+            info = rd.marker_info(k, stage) or {}
+            q = info.get("teacher_quality")
+            if not q:
+                continue
+            lost = ", ".join(f"`{i}`" for i in info.get("failed_ids", [])) or ""
+            weak = info.get("weak_gap_report") or ""
+            rows.append(f"| {k} | {stage} | {q['requests']} | {q['failed']} | {q['unusable']} | "
+                        f"{q['unusable_after_retry']} | {lost} {weak} |".replace("  |", " |"))
+    if not rows:
+        return []
+    return ["", "## Teacher answers", "", "| iteration | stage | requests | failed | unusable | unusable after "
+            "retry | failed questions / notes |", "|---:|---|---:|---:|---:|---:|---|", *rows]
+
+
 def render(rd: RunDir, flags: dict[str, Any], metrics: list[dict[str, Any]], baseline: list[dict[str, Any]] | None,
            state: dict[str, Any], times: dict[int, dict[str, float]], usage: dict[str, dict[str, dict[str, float]]],
            baseline_name: str | None = None) -> str:
@@ -142,6 +162,7 @@ def render(rd: RunDir, flags: dict[str, Any], metrics: list[dict[str, Any]], bas
         lines += ["", "Per stage: " + "; ".join(
             f"{stage}: " + ", ".join(f"{n} {int(e['calls'])} calls" for n, e in per.items())
             for stage, per in sorted(usage.items()))]
+    lines += teacher_quality_lines(rd)
     gap_files = [k for k in rd.iterations() if (rd.iter_dir(k) / "gaps.md").is_file()]
     if gap_files:
         lines += ["", "## Gap reports", ""]
@@ -157,7 +178,7 @@ def read_flags(rd: RunDir) -> dict[str, Any]:
 def write_report(rd: RunDir, cfg=None, *, baseline_dir: str | None = None) -> Path:
     """Write report.md and accuracy.png for `rd` (with the baseline run beside it, if any)."""
     flags = read_flags(rd)
-    baseline_dir = baseline_dir or (cfg.baseline_run if cfg is not None else None)
+    baseline_dir = baseline_dir or (cfg.output.baseline_run if cfg is not None else None)
     baseline = load_metrics(RunDir(baseline_dir)) if baseline_dir else None
     metrics = load_metrics(rd)
     state = json.loads(rd.state_path.read_text()) if rd.state_path.is_file() else {}

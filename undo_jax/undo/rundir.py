@@ -1,16 +1,19 @@
 """The run directory: paths, atomic writes, stage completion markers and the flags.txt guard.
 
-Layout (DESIGN.md): flags.txt, teacher_cache.sqlite, metrics.jsonl, report.md, accuracy.png, final/,
-and per iteration iter_K/ with data.jsonl, gaps.md, checkpoint/ (Orbax, the trainer's), student/ (HF
-export used to hand the student to the next stage), eval_val.jsonl, eval_test.jsonl, train_log.jsonl and
-`<stage>.DONE` markers. A marker is written only after the stage's outputs are in place (each written to a
-temporary file and renamed), so a marker always means "complete" and a kill never leaves a half file.
+Layout (docs/DESIGN.md): run.lock (held by the running process 0), flags.txt and config.json (the resolved
+configuration tree), identity.json, teacher_cache.sqlite, metrics.jsonl, report.md, accuracy.png, final/,
+tb/ (TensorBoard), and per iteration iter_K/ with data.jsonl, gaps.md, checkpoint/ (Orbax, the trainer's),
+eval_val.jsonl, eval_test.jsonl, train_log.jsonl
+and `<stage>.DONE` markers. A marker is written only after the stage's outputs are in place (each written to
+a temporary file and renamed), so a marker always means "complete" and a kill never leaves a half file.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Iterable
@@ -75,6 +78,50 @@ def append_jsonl_durable(path: str | os.PathLike, rows: Iterable[dict]) -> None:
         os.fsync(f.fileno())
 
 
+class RunLock:
+    """An exclusive `fcntl` lock on RUN/run.lock, holding the holder's host and pid.
+
+    The kernel drops the lock when its process dies, so a killed run's lock is simply taken over (the
+    file still names the dead holder; the new holder overwrites it). Held by process 0 only.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.path = Path(root) / "run.lock"
+        self._fd: int | None = None
+        self.previous: dict[str, Any] | None = None  # the holder named in the file when we took it
+
+    def holder(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.path.read_text(encoding="utf-8") or "{}")
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            h = self.holder()
+            who = f"pid {h.get('pid', '?')} on host {h.get('host', '?')}"
+            raise RunDirError(f"{self.path.parent}: in use by another run ({who}, since "
+                              f"{h.get('since', '?')}); wait for it to finish or stop it") from None
+        self.previous = self.holder() or None
+        record = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                             "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record, 0)
+        os.fsync(fd)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
 class RunDir:
     """Paths and markers of one run directory."""
 
@@ -85,6 +132,10 @@ class RunDir:
     @property
     def flags_path(self) -> Path:
         return self.root / "flags.txt"
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.json"
 
     @property
     def cache_path(self) -> Path:
@@ -144,12 +195,8 @@ class RunDir:
         return sorted(out)
 
     # ----- creation and the flags guard -------------------------------------------------------------------
-    def prepare(self, flag_lines: list[str], identity: dict[str, Any], *, allow_change: bool) -> bool:
-        """Create (or reopen) the directory; returns True when it already held a run.
-
-        A new directory gets flags.txt and identity.json. An existing one must have been made with the same
-        identity flags, unless `allow_change` (then the new flags are recorded beside the old ones).
-        """
+    def ensure_writable(self) -> None:
+        """Create the directory if needed; RunDirError (one line) when it cannot be written."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             probe = self.root / f".write_probe.{os.getpid()}"
@@ -157,6 +204,16 @@ class RunDir:
             probe.unlink()
         except OSError as e:
             raise RunDirError(f"{self.root}: run directory is not writable ({e.strerror or e})") from None
+
+    def prepare(self, flag_lines: list[str], identity: dict[str, Any], *, allow_change: bool,
+                defaults: dict[str, Any] | None = None) -> bool:
+        """Create (or reopen) the directory; returns True when it already held a run.
+
+        A new directory gets flags.txt and identity.json. An existing one must have been made with the same
+        identity flags, unless `allow_change` (then the new flags are recorded beside the old ones). A setting
+        missing from an older identity.json had its value in `defaults` (it did not exist yet).
+        """
+        self.ensure_writable()
         identity_path = self.root / "identity.json"
         existed = identity_path.is_file()
         if existed:
@@ -164,6 +221,7 @@ class RunDir:
                 old = json.loads(identity_path.read_text(encoding="utf-8"))
             except json.JSONDecodeError:
                 raise RunDirError(f"{identity_path}: corrupt (not JSON); cannot check the flags of this run") from None
+            old = {**{k: v for k, v in (defaults or {}).items() if k not in old}, **old}
             changed = [k for k in sorted(set(old) | set(identity)) if old.get(k) != identity.get(k)]
             if changed and not allow_change:
                 k = changed[0]

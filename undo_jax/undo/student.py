@@ -8,28 +8,19 @@ chunk; chunk boundaries and sampling seeds are fixed, so a resumed evaluation eq
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-from undo_jax.flags import resolve_student
+from undo_jax.config import EvalSettings, resolve_student
+from undo_jax.errors import one_line
+from undo_jax.tasks.base import summarize
 from undo_jax.undo.rundir import append_jsonl_durable, atomic_write_jsonl, read_jsonl
 
 
 class StudentError(RuntimeError):
     """A student source that cannot be loaded (message: one line naming the source)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalSettings:
-    max_new_tokens: int = 256
-    maj_k: int = 1
-    temperature: float = 0.7  # only used when maj_k > 1 (maj@1 is greedy)
-    batch_size: int = 32
-    chunk: int = 64
-    seed: int = 0
 
 
 def run_iteration_dir(source: str) -> tuple[Path, int] | None:
@@ -54,12 +45,7 @@ def load_model(source: str, *, param_dtype: str = "float32", mesh=None):
         # With a mesh each tensor goes straight to its sharded placement (never the whole model twice on host).
         return load_pretrained(resolved, dtype=param_dtype, mesh=mesh)
     except (OSError, ValueError, KeyError) as e:
-        raise StudentError(f"{source}: cannot load the student ({type(e).__name__}: {_first_line(e)})") from None
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else ""
+        raise StudentError(f"{source}: cannot load the student ({type(e).__name__}: {one_line(e)})") from None
 
 
 def load_tokenizer(source: str):
@@ -68,7 +54,7 @@ def load_tokenizer(source: str):
     try:
         return _load(resolve_student(source))
     except (OSError, ValueError, KeyError) as e:
-        raise StudentError(f"{source}: cannot load the tokenizer ({type(e).__name__}: {_first_line(e)})") from None
+        raise StudentError(f"{source}: cannot load the tokenizer ({type(e).__name__}: {one_line(e)})") from None
 
 
 def restore_into(model, checkpoint_dir: str | os.PathLike):
@@ -78,10 +64,10 @@ def restore_into(model, checkpoint_dir: str | os.PathLike):
     try:
         return restore_model(model, checkpoint_dir)
     except (FileNotFoundError, CheckpointMismatchError) as e:
-        raise StudentError(f"{checkpoint_dir}: cannot restore the student ({_first_line(e)})") from None
+        raise StudentError(f"{checkpoint_dir}: cannot restore the student ({one_line(e)})") from None
     except Exception as e:  # noqa: BLE001 - Orbax raises many types for damaged files
         raise StudentError(f"{checkpoint_dir}: checkpoint is corrupt or unreadable ({type(e).__name__}: "
-                           f"{_first_line(e)})") from None
+                           f"{one_line(e)})") from None
 
 
 def load_student(source: str, *, param_dtype: str = "float32", mesh=None):
@@ -105,32 +91,15 @@ def _score_one(task, record, texts: list[str], maj_k: int) -> dict[str, Any]:
     from undo_jax.sampling import majority_vote
 
     if maj_k == 1:
-        prediction = task.extract_answer(texts[0])
-        completion = texts[0]
+        prediction, completion = task.extract_answer(texts[0]), texts[0]
     else:
         prediction, index = majority_vote(texts, task.vote_key)
         completion = texts[index]
     row = {"id": record.id, "question": record.question, "answer": record.answer, "completion": completion,
-           "prediction": prediction, "correct": bool(task.is_correct(prediction, record))}
-    group = task.group_of(record)
-    if group is not None:
-        row["group"] = group
+           **task.judge(prediction, record)}
     if maj_k > 1:
         row["samples"] = texts
     return row
-
-
-def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    n = len(rows)
-    correct = sum(bool(r["correct"]) for r in rows)
-    groups: dict[str, list[int]] = {}
-    for r in rows:
-        if "group" in r:
-            tally = groups.setdefault(str(r["group"]), [0, 0])
-            tally[0] += bool(r["correct"])
-            tally[1] += 1
-    breakdown = {g: {"accuracy": c / t, "correct": c, "n": t} for g, (c, t) in sorted(groups.items())}
-    return {"accuracy": correct / n if n else 0.0, "correct": correct, "n": n, "breakdown": breakdown}
 
 
 def evaluate_records(model, tokenizer, task, records, settings: EvalSettings, out_path: str | os.PathLike, *,

@@ -3,13 +3,14 @@ protocols, for tests and benchmarks. Not a mock of the client: the real SDK/HTTP
 them over TCP on 127.0.0.1.
 
 - Counts requests per prompt (the last user message) so tests can prove what was (re)sent.
-- Scripted faults per prompt, consumed one per attempt: "ok", "429[:seconds]" (Retry-After header
+- Scripted faults per prompt, consumed one per attempt: "ok", "400" (a permanent refusal), "429[:seconds]"
+  (Retry-After header
   and, for Gemini, a google.rpc.RetryInfo detail), "500", "503", "slow:seconds" (sleep, then
   answer), "leak" (a 400 whose message echoes the caller's key), "malformed" (HTTP 200 with
   broken JSON), "safety" (a blocked candidate), "empty" (no candidates/choices), "drop" (close
   the connection without a response).
 - Runs in-process in a thread (`LoopbackServer(...).start()`) or as a subprocess
-  (`python -m undo_jax.teachers.testing_servers --protocol gemini`, prints {"port": N}); the
+  (`python -m undo_jax.testing.servers --protocol gemini`, prints {"port": N}); the
   counters are then read over HTTP with `fetch_stats(base_url)`.
 
 The reply to a prompt is deterministic: `reply_for(prompt)` unless `replies` overrides it.
@@ -224,6 +225,9 @@ class _Handler(BaseHTTPRequestHandler):
         if kind in ("500", "503"):
             status = "INTERNAL" if kind == "500" else "UNAVAILABLE"
             return self._send(int(kind), {"error": {"code": int(kind), "message": "scripted fault", "status": status}})
+        if kind == "400":  # a permanent refusal: clients do not retry it
+            refusal = {"code": 400, "message": "scripted refusal", "status": "INVALID_ARGUMENT"}
+            return self._send(400, {"error": refusal})
         if kind == "leak":
             key = self.headers.get("x-goog-api-key") or self.headers.get("Authorization") or ""
             msg = f"bad request from {key} at https://example.invalid/v1beta/models/x:generateContent?key={key}"
@@ -407,7 +411,7 @@ def start_server_subprocess(
 ) -> tuple[subprocess.Popen, str]:
     """Start a server in a child process; returns (process, base_url). The key, if any, is read by
     the child from the environment variable `api_key_env` (never passed on the command line)."""
-    cmd = [sys.executable, "-m", "undo_jax.teachers.testing_servers", "--protocol", protocol, "--latency", str(latency)]
+    cmd = [sys.executable, "-m", "undo_jax.testing.servers", "--protocol", protocol, "--latency", str(latency)]
     if api_key_env:
         cmd += ["--api-key-env", api_key_env]
     if script:
