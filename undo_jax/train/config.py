@@ -8,6 +8,7 @@ from typing import Any
 from undo_jax.configtree import check_fields, setting
 
 SCHEDULES = ("cosine", "linear", "constant")
+KD_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
@@ -51,6 +52,14 @@ class TrainConfig:
                                   "bucket.")
     loss_chunk: int = setting(2048, "Tokens per logits chunk in the loss (bounds the [tokens, vocab] buffer); "
                                     "0 = one chunk.", min=0)
+    kd_alpha: float = setting(0.5, "Logit distillation: weight of the CE on the rationale tokens; the teacher "
+                                   "divergence gets 1 - kd_alpha (scaled by kd_temperature^2).", min=0, max=1)
+    kd_temperature: float = setting(1.0, "Logit distillation: softmax temperature of teacher and student.", gt=0)
+    kd_divergence: str = setting("forward_kl", "Logit distillation: divergence between teacher and student "
+                                               "(jsd: generalized JSD with kd_beta, as TRL's GKD).",
+                                 choices=KD_DIVERGENCES)
+    kd_beta: float = setting(0.5, "Logit distillation: beta of the generalized JSD (0 = forward KL, 1 = reverse KL).",
+                             min=0, max=1)
     skip_overlong: bool = setting(True, "A prompt that fills max_length: skip and count it (else an error).")
     save_every: int = setting(0, "Trainer checkpoint every N steps (0: epoch ends only).", min=0)
     keep: int = setting(2, "Step checkpoints the Orbax manager keeps while an iteration trains.", min=1,
@@ -64,6 +73,13 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def distill_settings(self):
+        """The loss settings used when the examples carry teacher targets (logit distillation)."""
+        from undo_jax.train.distill_loss import DistillSettings
+
+        return DistillSettings(alpha=self.kd_alpha, temperature=self.kd_temperature, divergence=self.kd_divergence,
+                               beta=self.kd_beta)
 
     # Fields that change the optimisation trajectory: a checkpoint written under other values cannot resume.
     def trajectory_dict(self) -> dict[str, Any]:

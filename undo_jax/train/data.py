@@ -26,9 +26,23 @@ class OverlongPromptError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class SparseTargets:
+    """A teacher's sparse next-token distribution for each completion token of one example (logit distillation:
+    `undo_jax.train.distill_loss`): row j is the teacher at the position that predicts completion token j."""
+
+    top_logp: np.ndarray  # float32 [m, k]: log-probs of the teacher's top-k tokens
+    top_ids: np.ndarray  # int32 [m, k]
+    log_tail: np.ndarray  # float32 [m]: log of the mass on every other token
+
+    def __len__(self) -> int:
+        return len(self.log_tail)
+
+
+@dataclasses.dataclass(frozen=True)
 class TokenizedExample:
     ids: np.ndarray  # int32 [n], prompt then completion, already truncated to max_length
     completion_start: int  # ids[completion_start:] are completion tokens (the loss targets)
+    teacher: SparseTargets | None = None  # logit distillation only: n - completion_start rows
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -41,13 +55,17 @@ class MicroBatch:
     loss_mask: np.ndarray  # float32 [R, L]: 1 where targets[r, t] is a completion token
     segment_ids: np.ndarray  # int32 [R, L]: 1.. per example in the row, 0 = padding
     positions: np.ndarray  # int32 [R, L]: position inside the example
+    # Logit distillation only, aligned with `targets` (zeros outside the loss mask): [R, L, k], [R, L, k], [R, L].
+    top_logp: np.ndarray | None = None
+    top_ids: np.ndarray | None = None
+    log_tail: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.tokens.shape
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 # ---------------------------------------------------------------- rendering
@@ -98,6 +116,9 @@ def fingerprint(examples: Sequence[TokenizedExample]) -> str:
         h.update(np.int64(ex.completion_start).tobytes())
         h.update(np.int64(len(ex.ids)).tobytes())
         h.update(ex.ids.tobytes())
+        if ex.teacher is not None:  # distilling from other teacher targets is other training data
+            for a in (ex.teacher.top_logp, ex.teacher.top_ids, ex.teacher.log_tail):
+                h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
 
 
@@ -154,6 +175,14 @@ def _fill(rows: Sequence[Sequence[TokenizedExample]], num_rows: int, length: int
     loss_mask = np.zeros(shape, np.float32)
     segment_ids = np.zeros(shape, np.int32)
     positions = np.zeros(shape, np.int32)
+    seqs = [seq for row in rows for seq in row]
+    with_teacher = [seq.teacher is not None for seq in seqs]
+    if any(with_teacher) and not all(with_teacher):
+        raise ValueError("train: some examples carry teacher targets (logit distillation) and others do not")
+    teacher = None
+    if all(with_teacher) and seqs:
+        k = seqs[0].teacher.top_ids.shape[1]
+        teacher = (np.zeros((*shape, k), np.float32), np.zeros((*shape, k), np.int32), np.zeros(shape, np.float32))
     for r, row in enumerate(rows):
         start = 0
         for segment, seq in enumerate(row, start=1):
@@ -166,8 +195,17 @@ def _fill(rows: Sequence[Sequence[TokenizedExample]], num_rows: int, length: int
             loss_mask[r, start + first:stop - 1] = 1.0
             segment_ids[r, start:stop] = segment
             positions[r, start:stop] = np.arange(n)
+            if teacher is not None:
+                span = slice(start + first, stop - 1)
+                if len(seq.teacher) != span.stop - span.start:
+                    raise ValueError(f"train: teacher targets for {len(seq.teacher)} completion tokens, but the "
+                                     f"example has {span.stop - span.start}")
+                teacher[0][r, span], teacher[1][r, span], teacher[2][r, span] = (
+                    seq.teacher.top_logp, seq.teacher.top_ids, seq.teacher.log_tail)
             start = stop
-    return MicroBatch(tokens, targets, loss_mask, segment_ids, positions)
+    if teacher is None:
+        return MicroBatch(tokens, targets, loss_mask, segment_ids, positions)
+    return MicroBatch(tokens, targets, loss_mask, segment_ids, positions, *teacher)
 
 
 def step_micro_batches(seqs: Sequence[TokenizedExample], config: TrainConfig, row_multiple: int = 1

@@ -20,6 +20,8 @@ from flax import nnx
 from undo_jax.train.config import TrainConfig
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+# Extra micro-batch arrays of logit distillation (teacher targets aligned with `targets`).
+TEACHER_KEYS = ("top_logp", "top_ids", "log_tail")
 
 
 # ---------------------------------------------------------------- loss
@@ -112,6 +114,13 @@ def make_step_functions(graphdef, tx: optax.GradientTransformation, schedule, co
     def grads_of(params, batch):
         def loss_fn(p):
             model = nnx.merge(graphdef, p)
+            if "top_ids" in batch:  # logit distillation: CE on the rationale plus the teacher divergence
+                from undo_jax.train.distill_loss import distill_loss_sum
+
+                teacher = {k: batch[k] for k in TEACHER_KEYS}
+                total, parts = distill_loss_sum(model, batch, teacher, config.distill_settings(), remat=config.remat,
+                                                chunk=config.loss_chunk)
+                return total, parts["count"]
             total, count = completion_loss_sum(model, batch, remat=config.remat, chunk=config.loss_chunk)
             return total, count
 

@@ -14,7 +14,6 @@ served stale. Per completion token: k int32 ids + k float32 log-probs + one floa
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import tempfile
@@ -25,24 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from undo_jax.train.data import TokenizedExample, length_bucket
+from undo_jax.train.data import SparseTargets, TokenizedExample, length_bucket
 from undo_jax.train.distill_loss import sparse_top_k
 
 
 class TeacherLogitsError(ValueError):
     """A teacher-logit store that cannot be used as asked (one-line message naming the folder)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SparseTargets:
-    """The teacher's sparse distribution for each completion token of one example."""
-
-    top_logp: np.ndarray  # float32 [m, k]
-    top_ids: np.ndarray  # int32 [m, k]
-    log_tail: np.ndarray  # float32 [m]
-
-    def __len__(self) -> int:
-        return len(self.log_tail)
 
 
 def example_key(teacher_id: str, k: int, example: TokenizedExample) -> str:

@@ -43,6 +43,7 @@ from undo_jax.train.checkpoint import (
 from undo_jax.train.config import Example, TrainConfig
 from undo_jax.train.step import (
     BATCH_KEYS,
+    TEACHER_KEYS,
     completion_loss_sum,
     learning_rate_schedule,
     make_optimizer,
@@ -149,14 +150,15 @@ _PROGRAM_CACHE: collections.OrderedDict = collections.OrderedDict()
 _PROGRAM_CACHE_SIZE = 4
 
 
-def _step_programs(graphdef, config: TrainConfig, total_steps: int, mesh, params_host) -> _StepPrograms:
+def _step_programs(graphdef, config: TrainConfig, total_steps: int, mesh, params_host, *, distill: bool = False
+                   ) -> _StepPrograms:
     """The jitted step functions for one (model graph, config, schedule length, mesh).
 
     Cached, so calling `train` again with the same setup (a resume, the next epoch block, a test)
     reuses the compiled executables instead of compiling again.
     """
     shapes = tuple((k, tuple(v)) for k, v in sorted(param_shapes(params_host).items()))
-    key = (graphdef, config.trajectory_dict().__repr__(), total_steps, mesh, shapes)
+    key = (graphdef, config.trajectory_dict().__repr__(), total_steps, mesh, shapes, distill)
     if key in _PROGRAM_CACHE:
         _PROGRAM_CACHE.move_to_end(key)
         return _PROGRAM_CACHE[key]
@@ -170,7 +172,7 @@ def _step_programs(graphdef, config: TrainConfig, total_steps: int, mesh, params
     state_sh = {"params": params_sh, "opt_state": opt_sh, "step": rep}
     acc_sh = {"grads": params_sh, "loss_sum": rep, "count": rep}
     batch_sh = batch_sharding(mesh)
-    mb_sh = dict.fromkeys(BATCH_KEYS, batch_sh)
+    mb_sh = dict.fromkeys(BATCH_KEYS + (TEACHER_KEYS if distill else ()), batch_sh)
     programs = _StepPrograms(
         tx=tx, params_sh=params_sh, opt_sh=opt_sh, opt_shapes=opt_shapes, batch_sh=batch_sh,
         first=jax.jit(first_grads, in_shardings=(params_sh, mb_sh), out_shardings=acc_sh),
@@ -253,7 +255,8 @@ def train_tokenized(
     if jax.tree.leaves(rest):
         raise ValueError("train: the model holds non-Param state (e.g. batch statistics); only Param models are "
                          "supported")
-    steps = _step_programs(graphdef, config, total_steps, mesh, params_host)
+    distill = seqs[0].teacher is not None  # logit distillation (data._fill checks every example agrees)
+    steps = _step_programs(graphdef, config, total_steps, mesh, params_host, distill=distill)
     tx, params_sh, opt_sh, batch_sh = steps.tx, steps.params_sh, steps.opt_sh, steps.batch_sh
     rep = replicated(mesh)
 
