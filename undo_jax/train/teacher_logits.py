@@ -32,6 +32,20 @@ class TeacherLogitsError(ValueError):
     """A teacher-logit store that cannot be used as asked (one-line message naming the folder)."""
 
 
+def teacher_identity(source: str) -> str:
+    """What names a teacher's weights: its resolved path with the size and mtime of every file under it (a changed
+    checkpoint gets new logits), or the hub id / RUN/iter_K as given."""
+    path = Path(source)
+    if not path.exists():
+        return source
+    if (path / "checkpoint").is_dir():  # RUN/iter_K: its weights, not its evaluation files
+        path = path / "checkpoint"
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    stamp = ";".join(f"{f.relative_to(path) if f != path else f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
+                     for f in files)
+    return f"{path.resolve()}|{hashlib.sha256(stamp.encode()).hexdigest()[:16]}"
+
+
 def example_key(teacher_id: str, k: int, example: TokenizedExample) -> str:
     """What must match for stored logits to be reused: teacher, k, token ids and where the completion starts."""
     h = hashlib.sha256(f"{teacher_id}\0{k}\0{example.completion_start}\0".encode())

@@ -24,7 +24,14 @@ from undo_jax.undo.convergence import best_iteration, stop_reason
 from undo_jax.undo.data_plan import Stage, choose_data_plan, ledger_delta, merge_usage
 from undo_jax.undo.prepare import UndoError, load_splits, make_run_mesh
 from undo_jax.undo.rundir import RunDir, RunLock, atomic_write_json, atomic_write_jsonl, read_jsonl
-from undo_jax.undo.student import StudentError, evaluate_records, load_model, load_tokenizer, restore_into
+from undo_jax.undo.student import (
+    StudentError,
+    evaluate_records,
+    load_model,
+    load_student,
+    load_tokenizer,
+    restore_into,
+)
 from undo_jax.undo.tensorboard import ScalarLog
 
 log = logging.getLogger("undo_jax.undo")
@@ -225,8 +232,8 @@ class UndoRun:
         epochs = self.cfg.loop.epochs_first if self.starts_from(k) == 0 else self.cfg.loop.epochs_later
         return dataclasses.replace(self.cfg.train, epochs=epochs, progress=self.progress)
 
-    def stage_train(self, k: int) -> dict[str, Any]:
-        from undo_jax.train import Example, train
+    def train_examples(self, k: int) -> list:
+        from undo_jax.train import Example
 
         task = self.task
         by_id = {r.id: r for r in self.splits["train"]}
@@ -235,14 +242,79 @@ class UndoRun:
                     for r in rows if r["id"] in by_id]
         if not examples:
             raise UndoError(f"iteration {k}: no training examples in {self.rd.iter_dir(k) / 'data.jsonl'}")
+        return examples
+
+    # ----- logit distillation (--distill=logits) -----------------------------------------------------------
+    def logit_teacher_source(self) -> str:
+        lp = self.cfg.loop
+        return lp.logit_teacher or self.cfg.teacher.model
+
+    def tokenized_examples(self, k: int):
+        from undo_jax.train import data as data_lib
+
+        seqs, _ = data_lib.tokenize_examples(self.tokenizer, self.train_examples(k), self.train_config(k))
+        if not seqs:
+            raise UndoError(f"iteration {k}: every training prompt exceeds --max_length={self.cfg.train.max_length}")
+        return seqs
+
+    def logit_store(self):
+        from undo_jax.train.teacher_logits import TeacherLogitStore, teacher_identity
+
+        source = self.logit_teacher_source()
+        return TeacherLogitStore(self.rd.root / "teacher_logits", teacher_identity(source), self.cfg.loop.kd_top_k)
+
+    def stage_teacher_logits(self, k: int) -> dict[str, Any]:
+        """One teacher-forced pass of the logit teacher over iteration k's training tokens (cached on disk)."""
+        from undo_jax.train.teacher_logits import TeacherLogitsError, check_same_vocabulary, compute_teacher_logits
+
+        seqs = self.tokenized_examples(k)
+        store = self.logit_store()
+        source = self.logit_teacher_source()
+        student_config = self.model_of(self.starts_from(k)).config
+        teacher, teacher_tok = load_student(source, param_dtype=self.cfg.student.param_dtype, mesh=self.mesh)
+        try:
+            check_same_vocabulary(source, teacher.config, teacher_tok, self.cfg.student.source, student_config,
+                                  self.tokenizer)
+            counts = compute_teacher_logits(teacher, {str(i): s for i, s in enumerate(seqs)}, store,
+                                            batch_size=self.cfg.eval.batch_size, mesh=self.mesh,
+                                            progress=self.progress)
+        except TeacherLogitsError as e:
+            raise UndoError(str(e)) from None
+        finally:
+            del teacher  # the student trains next: free the teacher's memory
+        return {**counts, "teacher": source, "top_k": store.k}
+
+    def distilled_seqs(self, k: int):
+        """Iteration k's tokenized examples with their stored teacher targets attached."""
+        from undo_jax.train.teacher_logits import example_key
+
+        store = self.logit_store()
+        out = []
+        for seq in self.tokenized_examples(k):
+            key = example_key(store.teacher_id, store.k, seq)
+            if key not in store:
+                raise UndoError(f"iteration {k}: teacher logits missing under {store.folder}; move "
+                                f"iter_{k}/teacher_logits.DONE away and re-run to compute them")
+            out.append(dataclasses.replace(seq, teacher=store.get(key)))
+        return out
+
+    def stage_train(self, k: int) -> dict[str, Any]:
+        from undo_jax.train import train, train_tokenized
+
+        examples = self.train_examples(k)
         start_from = self.starts_from(k)
         model = self.model_of(start_from)
         self._model, self._model_iter = None, None  # trained in place: no longer iteration start_from's student
         config = self.train_config(k)
         ckpt = self.rd.iter_dir(k) / "checkpoint"
         try:
-            model = train(model, self.tokenizer, examples, config, mesh=self.mesh, checkpoint_dir=ckpt,
-                          log_path=self.rd.iter_dir(k) / "train_log.jsonl")
+            log_path = self.rd.iter_dir(k) / "train_log.jsonl"
+            if self.cfg.loop.distill == "logits":
+                model = train_tokenized(model, self.distilled_seqs(k), config, mesh=self.mesh, checkpoint_dir=ckpt,
+                                        log_path=log_path)
+            else:
+                model = train(model, self.tokenizer, examples, config, mesh=self.mesh, checkpoint_dir=ckpt,
+                              log_path=log_path)
         except ValueError as e:  # a checkpoint of other data/settings, or nothing trainable
             raise UndoError(f"iteration {k} training: {e}") from None
         except OSError as e:
@@ -258,7 +330,8 @@ class UndoRun:
             raise
         self._model, self._model_iter = model, k
         self.scalars.train_steps(read_jsonl(self.rd.iter_dir(k) / "train_log.jsonl"), step_offset=self.steps_before(k))
-        return {"examples": len(examples), "epochs": config.epochs, "from_iteration": start_from}
+        return {"examples": len(examples), "epochs": config.epochs, "from_iteration": start_from,
+                "distill": self.cfg.loop.distill}
 
     def steps_before(self, k: int) -> int:
         """Optimizer steps of iterations 1..k-1 (TensorBoard's training step counts on across iterations)."""
@@ -311,6 +384,8 @@ class UndoRun:
     def student_stages(self, k: int) -> list[Stage]:
         train = [Stage(k, "train", lambda: self.stage_train(k)),
                  Stage(k, "prune_state", lambda: self.stage_prune_state(k))] if k > 0 else []
+        if k > 0 and self.cfg.loop.distill == "logits":
+            train.insert(0, Stage(k, "teacher_logits", lambda: self.stage_teacher_logits(k)))
         return [*train, Stage(k, "eval_val", lambda: self.stage_eval(k, "validation")),
                 Stage(k, "eval_test", lambda: self.stage_eval(k, "test"))]
 

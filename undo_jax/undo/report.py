@@ -108,6 +108,15 @@ def teacher_quality_lines(rd: RunDir) -> list[str]:
             "retry | failed questions / notes |", "|---:|---|---:|---:|---:|---:|---|", *rows]
 
 
+def _distillation_line(flags: dict[str, Any]) -> str:
+    if flags.get("distill", "rationales") != "logits":
+        return "- distillation: rationales (SFT on the teacher's text)"
+    return (f"- distillation: rationales + logits of `{flags.get('logit_teacher') or flags.get('teacher_model')}` "
+            f"(top-{flags.get('kd_top_k')}, {flags.get('kd_divergence')}"
+            f"{' beta ' + str(flags.get('kd_beta')) if flags.get('kd_divergence') == 'jsd' else ''}, "
+            f"alpha {flags.get('kd_alpha')}, T {flags.get('kd_temperature')})")
+
+
 def render(rd: RunDir, flags: dict[str, Any], metrics: list[dict[str, Any]], baseline: list[dict[str, Any]] | None,
            state: dict[str, Any], times: dict[int, dict[str, float]], usage: dict[str, dict[str, dict[str, float]]],
            baseline_name: str | None = None) -> str:
@@ -117,7 +126,8 @@ def render(rd: RunDir, flags: dict[str, Any], metrics: list[dict[str, Any]], bas
               f"`{flags.get('student')}`, teacher: `{flags.get('teacher')}`"
               f"{' / ' + str(flags['teacher_model']) if flags.get('teacher_model') else ''}",
               f"- epochs: {flags.get('epochs_first')} first, {flags.get('epochs_later')} later; lr {flags.get('lr')}; "
-              f"batch {flags.get('batch_size')}; accuracy = maj@{flags.get('maj_k', 1)}"]
+              f"batch {flags.get('batch_size')}; accuracy = maj@{flags.get('maj_k', 1)}",
+              _distillation_line(flags)]
     if state:
         lines.append(f"- stopped after iteration {state.get('iterations')}: {state.get('stop_reason')}")
         lines.append(f"- best iteration (validation): {state.get('best_iteration')} -> validation "
