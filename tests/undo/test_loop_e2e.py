@@ -216,11 +216,18 @@ def test_regenerate_only_what_the_student_gets_wrong(tiny_student, tmp_path):
     teacher = ScriptedTeacher()
     run(tiny_config(run_dir, tiny_student, regenerate="wrong", eval_base=False, max_iterations=2,
                     allow_flag_change=True), teacher=teacher)
+    previous = {r["id"]: r for r in read_jsonl(run_dir / "iter_1" / "data.jsonl")}
     rewritten = [p for k, p in teacher.requests if k == "rewrite"]
     assert len(rewritten) == sum(not r["correct"] for r in rows) > 0
     for r in read_jsonl(run_dir / "iter_2" / "data.jsonl"):
         if number(r["id"]) % 2 == 0:
             assert r["origin"] == "previous" and not r["changed"]
-        else:
-            assert r["origin"] in ("rewrite", "previous")
-            assert r["teacher_text"] is not None
+        else:  # sent for rewriting: the scripted rewrite is wrong on every 3rd question, so that one keeps its
+            # previous rationale, the others take the rewrite
+            assert r["teacher_text"].startswith("Revised after gap report")
+            if number(r["id"]) % 3 == 0:
+                assert r["origin"] == "previous" and not r["teacher_correct"]
+                assert r["rationale"] == previous[r["id"]]["rationale"]
+            else:
+                assert r["origin"] == "rewrite" and r["teacher_correct"] and r["changed"]
+                assert r["rationale"] == r["teacher_text"]
