@@ -4,39 +4,17 @@ two UNDO iterations; then a re-run that must recompute nothing, and (slow) the s
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.undo.conftest import number, tiny_config
 from tests.undo.scripted_teacher import GAP_MARKER, ScriptedTeacher
-from undo_jax.flags import RunConfig, validate
 from undo_jax.undo import RunDir, run
 from undo_jax.undo.rundir import read_jsonl
 
 STAGES = {0: ["eval_val", "eval_test"], 1: ["data", "train", "eval_val", "eval_test"],
           2: ["gaps", "data", "train", "eval_val", "eval_test"]}
-
-
-def tiny_config(run_dir: Path, student: Path, **overrides) -> RunConfig:
-    base = dict(run_dir=str(run_dir), student=str(student), data_source="demo", val_size=8, train_size=24,
-                test_size=16, epochs_first=2, epochs_later=1, lr=1e-3, warmup_ratio=0.0, batch_size=8, micro_batch=8,
-                max_length=256, max_new_tokens=12, eval_batch_size=16, eval_chunk=8, max_iterations=2,
-                diagnosis_examples=5, rewrite_examples=2, teacher="reference")
-    base.update(overrides)
-    return validate(RunConfig(**base))
-
-
-def number(row_id: str) -> int:
-    return int(row_id.split("-")[-1])
-
-
-@pytest.fixture(scope="module")
-def undo_run(tmp_path_factory, tiny_student):
-    run_dir = tmp_path_factory.mktemp("e2e") / "undo"
-    teacher = ScriptedTeacher(cache_path=str(run_dir.parent / "cache.sqlite"))
-    state = run(tiny_config(run_dir, tiny_student), teacher=teacher)
-    return run_dir, teacher, state
 
 
 def test_every_stage_ran_and_left_its_outputs(undo_run):

@@ -10,6 +10,7 @@ trains, samples and checkpoints, and teacher data reaches the others through the
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -284,7 +285,7 @@ class UndoRun:
         failures = self.failures(k - 1)[: self.cfg.diagnosis_examples]
         request = prompts.gaps_request(self.task, failures, self.history(k - 1), self.teacher_settings)
         (response,), usage = self.ask_teacher([request])
-        if response.error or not response.texts:
+        if response.error or not response.texts or not response.texts[0].strip():
             raise UndoError(f"iteration {k}: the teacher's gap analysis failed ({response.error or 'empty answer'})")
         atomic_write_text(self.rd.iter_dir(k) / "gaps.md", response.texts[0].strip() + "\n")
         return {"teacher": usage, "failures_shown": len(failures)}
@@ -362,12 +363,15 @@ class UndoRun:
         try:
             model = train(model, self.tokenizer, examples, config, mesh=self.mesh, checkpoint_dir=ckpt,
                           log_path=self.rd.iter_dir(k) / "train_log.jsonl")
-        except ValueError as e:  # a checkpoint of other data/settings, or nothing trainable
-            raise UndoError(f"iteration {k} training: {e}") from None
         except Exception as e:  # noqa: BLE001 - a damaged Orbax checkpoint surfaces as many types
-            if ckpt.exists() and "checkpoint" in f"{type(e).__name__} {e}".lower():
+            # Its meta file unreadable (JSONDecodeError, a ValueError), or Orbax failing on the arrays.
+            damaged = isinstance(e, json.JSONDecodeError) or (
+                not isinstance(e, ValueError) and "checkpoint" in f"{type(e).__name__} {e}".lower())
+            if ckpt.exists() and damaged:
                 raise UndoError(f"iteration {k}: checkpoint {ckpt} is corrupt or unreadable "
                                 f"({type(e).__name__}); move it away to retrain this iteration") from None
+            if isinstance(e, ValueError):  # a checkpoint of other data/settings, or nothing trainable
+                raise UndoError(f"iteration {k} training: {e}") from None
             raise
         self._model, self._model_iter = model, k
         return {"examples": len(examples), "epochs": config.epochs, "from_iteration": start_from}
