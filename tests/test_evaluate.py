@@ -35,11 +35,12 @@ def scripted_student(out_dir: Path, answers: list[str]) -> Path:
     import numpy as np
     from flax import nnx
 
+    from tests.sampling.conftest import make_tokenizer
     from undo_jax.models import CausalLM, ModelConfig, save_pretrained
 
     # The answer lines, frequent in the corpus, become few tokens, none repeated within a line.
     corpus = [f"{r['Body']} {r['Question']}" for r in demo_rows(200)] + [f"The answer is {a}." for a in answers] * 300
-    tok = _bpe_tokenizer(corpus)
+    tok = make_tokenizer(corpus)
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     prompt = tok.apply_chat_template([{"role": "user", "content": "q"}], add_generation_prompt=True, tokenize=False)
     start = tok(prompt, add_special_tokens=False)["input_ids"][-1]  # the generation prompt's last token
@@ -77,23 +78,6 @@ def scripted_student(out_dir: Path, answers: list[str]) -> Path:
     model = nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
     save_pretrained(model, out_dir, tokenizer=tok)
     return out_dir
-
-
-def _bpe_tokenizer(corpus: list[str]):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from tests.undo.conftest import CHATML, SPECIAL_TOKENS
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    backend.train_from_iterator(corpus, trainer=trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tok.chat_template = CHATML
-    return tok
 
 
 # Hand-made test split (the presplit train/test layout): gold answers, and for each whether "7" is right.
