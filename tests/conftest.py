@@ -2,7 +2,11 @@
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+_DEVICES_FLAG = "--xla_force_host_platform_device_count=8"
+# Add the device count to any XLA_FLAGS already set (setdefault would drop it, and the sharded-equality
+# tests would then skip or test nothing); a conflicting count is caught by the session check below.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICES_FLAG}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -13,6 +17,24 @@ import pytest  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("UNDO_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+EXPECTED_DEVICES = 8
+
+
+def device_count_problem() -> str | None:
+    """None when jax sees the 8 devices the suite is written for, else why not (one line)."""
+    import jax
+
+    n = jax.device_count()
+    if n == EXPECTED_DEVICES:
+        return None
+    return (f"the tests need {EXPECTED_DEVICES} devices, jax sees {n} ({jax.default_backend()}; "
+            f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '')!r})")
+
+
+def pytest_sessionstart(session):
+    problem = device_count_problem()
+    if problem is not None:
+        raise pytest.UsageError(problem)
 
 
 @pytest.fixture(scope="session")

@@ -59,8 +59,18 @@ def test_indivisible_dimension_falls_back_to_replication():
         spec_for_shape((30, 3), ("embed", "heads", "head_dim"), mesh)
 
 
-@pytest.mark.parametrize("layout", [dict(fsdp=4, tensor=2), dict(data=8, fsdp=1), dict(fsdp=1, tensor=8)])
-def test_sharded_model_matches_unsharded(layout):
+# Per-device block shapes, by hand from the rules (embed -> fsdp, heads/kv_heads/vocab -> tensor, a dimension the
+# axis does not divide stays whole) for hidden 32, 4 heads, 2 kv heads, head_dim 8, vocab 96.
+SHARD_SHAPES = {
+    "fsdp4_tensor2": {"q_proj": (8, 2, 8), "k_proj": (8, 1, 8), "embed_tokens": (48, 8)},
+    "data8": {"q_proj": (32, 4, 8), "k_proj": (32, 2, 8), "embed_tokens": (96, 32)},
+    "tensor8": {"q_proj": (32, 4, 8), "k_proj": (32, 2, 8), "embed_tokens": (12, 32)},  # 4 and 2 heads: whole
+}
+
+
+@pytest.mark.parametrize("name, layout", [("fsdp4_tensor2", dict(fsdp=4, tensor=2)), ("data8", dict(data=8, fsdp=1)),
+                                          ("tensor8", dict(fsdp=1, tensor=8))])
+def test_sharded_model_matches_unsharded(name, layout):
     # kv_heads=2 does not divide by tensor=8: exercises the replication fallback inside a real model.
     config = tiny_config(tie_word_embeddings=False, attention_bias=True)
     model = CausalLM(config, rngs=nnx.Rngs(0))
@@ -72,8 +82,10 @@ def test_sharded_model_matches_unsharded(layout):
     shardings = param_shardings(model, mesh)
     assert jax.tree.structure(shardings) == jax.tree.structure(nnx.state(model))
     shard_model(model, mesh)
-    q = model.layers[0].self_attn.q_proj[...]
-    assert q.sharding.spec == spec_for_shape(q.shape, ("embed", "heads", "head_dim"), mesh)
+    attn = model.layers[0].self_attn
+    for param, shape in SHARD_SHAPES[name].items():
+        value = getattr(model if param == "embed_tokens" else attn, param)[...]
+        assert {s.data.shape for s in value.addressable_shards} == {shape}, param
     for leaf, sharding in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(shardings), strict=True):
         assert leaf.sharding == sharding
     ids = jax.device_put(ids, batch_sharding(mesh))

@@ -90,7 +90,10 @@ def test_bf16_close_to_fp32(kind, hf_checkpoint):
         ours = jax_logits(model, ids, mask)
         assert ours.dtype == np.float32
         diff = np.abs(ours - ref)[valid].max()
-        # bf16 keeps ~3 significant digits: measured 2-4% of the logit range here (BUILD_NOTES.md).
-        assert diff <= 0.1 * scale, f"{kind} {dtype}/{param_dtype}: max diff {diff:.3g} vs logit scale {scale:.3g}"
+        # bf16 keeps ~3 significant digits: measured 2.1-3.7% of the logit range here (BUILD_NOTES.md, issue 15);
+        # 6% leaves room for other seeds, while a bug such as rounding the residual stream to bf16 twice or
+        # a bf16 softmax would go well past it.
+        print(f"\n{kind} {dtype}/{param_dtype}: max diff {diff:.3g} = {diff / scale:.2%} of the logit range")
+        assert diff <= 0.06 * scale, f"{kind} {dtype}/{param_dtype}: max diff {diff:.3g} vs logit scale {scale:.3g}"
         agree = (ours.argmax(-1) == ref.argmax(-1))[valid].mean()
         assert agree >= 0.9, f"{kind} {dtype}/{param_dtype}: top-1 agreement {agree:.2%}"

@@ -98,7 +98,9 @@ def test_logits_match_transformers_on_real_prompts(smollm2):
     print(f"\nSmolLM2-135M-Instruct GGUF, {len(rows)} prompts, {total} positions: "
           f"top-1 agreement {agree / total:.4%}, max |logit diff| {max_diff:.3g}")
     assert agree / total >= 0.99
-    assert max_diff <= 1e-2  # fp32 through 30 layers; measured ~1e-4 (BUILD_NOTES.md)
+    # fp32 through 30 layers: measured 1.36e-4 (BUILD_NOTES.md); 1e-3 leaves 7x room and still fails a
+    # plausible bug (e.g. a wrong rope_theta read from the GGUF metadata moves the logits by far more).
+    assert max_diff <= 1e-3
 
 
 def test_gguf_to_hf_export_matches_transformers_gguf(smollm2, tmp_path):

@@ -112,21 +112,19 @@ def test_same_seed_same_output_other_seed_differs(model, toy_tokenizer, chats):
 
 
 def test_sharded_generation_equals_single_device(model, toy_tokenizer, chats):
-    if len(jax.devices()) < 8:
-        pytest.skip("needs 8 (simulated) devices")
-    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2, 1), ("data", "fsdp", "tensor"))
-    try:
-        from undo_jax.sharding import shard_model
+    from undo_jax.sharding import shard_model
 
-        sharded_model = shard_model(tiny_model("qwen2", seed=1, std=0.1), mesh)
-    except ImportError:
-        sharded_model = model  # generate() replicates params that are not on the mesh
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2, 1), ("data", "fsdp", "tensor"))
+    sharded_model = shard_model(tiny_model("qwen2", seed=1, std=0.1), mesh)  # the same weights as `model`
+    # Really laid out over the mesh (not replicated), so the comparison below covers sharded parameters.
+    embed = sharded_model.embed_tokens[...]
+    assert len(embed.sharding.device_set) == 8 and not embed.sharding.is_fully_replicated
     single = generate(model, toy_tokenizer, chats, max_new_tokens=12)
     sharded = generate(sharded_model, toy_tokenizer, chats, max_new_tokens=12, mesh=mesh)
     assert [c[0].token_ids for c in sharded] == [c[0].token_ids for c in single]
     kw = dict(max_new_tokens=12, temperature=1.0, num_samples=2, seed=5)
     sampled_single = generate(model, toy_tokenizer, chats[:5], **kw)
-    sampled_sharded = generate(model, toy_tokenizer, chats[:5], mesh=mesh, **kw)
+    sampled_sharded = generate(sharded_model, toy_tokenizer, chats[:5], mesh=mesh, **kw)
     assert [[s.token_ids for s in c] for c in sampled_sharded] == [[s.token_ids for s in c] for c in sampled_single]
 
 

@@ -7,12 +7,46 @@ import pytest
 
 from undo_jax.tasks import TASK_NAMES, Record, TaskDataError, get_task, subsample
 
-EXPECTED_SIZES = {  # (train, validation, test) at the default val_size=200
-    "svamp": (500, 200, 300),
-    "gsm8k": (7273, 200, 1319),
-    "math": (7297, 200, 5000),
-    "mmlu_pro": (8287, 200, 3615),
-}
+
+def _raw(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+
+
+def expected_sizes(shared_data, name: str) -> tuple[int, int, int]:
+    """(train, validation, test) at val_size=200, from the raw files and each task's documented split rule."""
+    if name == "svamp":  # no official split: a fixed 300 test, the rest is the pool
+        n = len(_raw(shared_data / "svamp" / "svamp.jsonl"))
+        return n - 300 - 200, 200, 300
+    if name == "gsm8k":  # official train / test
+        train, test = (len(_raw(shared_data / "gsm8k" / f"{s}.jsonl")) for s in ("train", "test"))
+        return train - 200, 200, test
+    if name == "math":  # official train / test; rows without an answer, and train rows repeating a test problem, drop
+        test = [r for r in _raw(shared_data / "math" / "test.jsonl") if str(r["answer"]).strip()]
+        test_problems = {r["problem"].strip() for r in test}
+        train = [r for r in _raw(shared_data / "math" / "train.jsonl")
+                 if str(r["answer"]).strip() and r["problem"].strip() not in test_problems]
+        return len(train) - 200, 200, len(test)
+    raise AssertionError(name)
+
+
+def test_mmlu_pro_split_follows_its_rule(shared_data):
+    """No train split upstream: per category, round(30%) of the question-text groups of the official test are held
+    out; the rest plus the 70 official validation exemplars are the train pool."""
+    raw_test = _raw(shared_data / "mmlu_pro" / "test.jsonl")
+    raw_val = _raw(shared_data / "mmlu_pro" / "validation.jsonl")
+    task, source = _source(shared_data, "mmlu_pro")
+    train, val, test = (task.load(s, source) for s in ("train", "validation", "test"))
+    assert len(val) == 200 and len(train) + len(val) + len(test) == len(raw_test) + len(raw_val)
+
+    def groups_per_category(rows, text, category):
+        first: dict[str, str] = {}
+        for r in rows:
+            first.setdefault(text(r).strip(), category(r))
+        return Counter(first.values())
+
+    upstream = groups_per_category(raw_test, lambda r: r["question"], lambda r: r["category"])
+    held = groups_per_category(test, lambda r: r.question, lambda r: r.meta["category"])
+    assert held == {c: round(0.3 * n) for c, n in upstream.items()}
 
 
 def _source(shared_data, name):
@@ -24,7 +58,8 @@ def _source(shared_data, name):
 def test_split_sizes_and_disjointness(shared_data, name):
     task, source = _source(shared_data, name)
     train, val, test = (task.load(s, source) for s in ("train", "validation", "test"))
-    assert (len(train), len(val), len(test)) == EXPECTED_SIZES[name]
+    if name != "mmlu_pro":  # its split rule is checked by test_mmlu_pro_split_follows_its_rule
+        assert (len(train), len(val), len(test)) == expected_sizes(shared_data, name)
     ids = [{r.id for r in part} for part in (train, val, test)]
     assert not ids[0] & ids[1] and not ids[0] & ids[2] and not ids[1] & ids[2]
     assert not {r.question for r in train + val} & {r.question for r in test}
@@ -39,7 +74,7 @@ def test_validation_carve_is_deterministic_and_seeded(shared_data, name):
     other = [r.id for r in task.load("validation", source, val_size=50, seed=4)]
     assert first == again and first != other and len(first) == 50
     train = task.load("train", source, val_size=50, seed=3)
-    assert len(train) == EXPECTED_SIZES[name][0] + 150
+    assert len(train) == len(task.load("train", source)) + 150  # the pool is the same, the carve is smaller
     # The test split does not move with the run seed.
     assert [r.id for r in task.load("test", source)] == [r.id for r in get_task(name).load("test", source, seed=9)]
 

@@ -4,7 +4,11 @@ import pytest
 
 from undo_jax.tasks import Record, get_task
 
-# (completion, extracted letter or None)
+# (completion, extracted letter or None). The expected letters follow the rules of multiple_choice.py, in order:
+# 1. the LAST "answer is (X)" (official: the first); 2. the last "Answer: X"; 3. the last \\boxed{X};
+# 4. otherwise the last standalone capital A-J that does not run on into a word, skipping the pronoun "I" and
+#    the article "A" opening a sentence (both followed by a lowercase word); 5. otherwise None.
+# Each case below names the rule that decides it (the official script would differ where noted).
 CASES = [
     ("Let's think step by step. ... The answer is (C).", "C"),
     ("The answer is C.", "C"),
@@ -23,13 +27,13 @@ CASES = [
     ("The answer is (c).", "C"),  # ... unless parenthesised after "answer is" (the official regex misses it)
     ("So the answer is **(h)**", "H"),
     ("the answer is a bit unclear, (B) maybe", "B"),
-    ("Answer: All of the options fail, so D", "D"),
+    ("Answer: All of the options fail, so D", "D"),  # rule 2 has no letter (All runs on), rule 4: last standalone is D
     ("Answer: C\nWait, Answer: D", "D"),
-    ("Option C is tempting but B fits best.", "B"),
-    ("I think the correct option is D", "D"),
-    ("I think it is D but I am unsure", "D"),
-    ("A triangle has three sides. So E", "E"),
-    ("Comparing options, B.", "B"),
+    ("Option C is tempting but B fits best.", "B"),  # rule 4: the last standalone letter is B
+    ("I think the correct option is D", "D"),  # rule 4: "I" + lowercase word is the pronoun; D
+    ("I think it is D but I am unsure", "D"),  # rule 4: both "I" are pronouns (+ lowercase word); D
+    ("A triangle has three sides. So E", "E"),  # rule 4: the last standalone letter is E
+    ("Comparing options, B.", "B"),  # rule 4: the only standalone letter
     ("(C)", "C"),
     ("C", "C"),
     ("The best choice: (I).", "I"),
@@ -37,17 +41,17 @@ CASES = [
     ("The result is 42.", None),
     ("", None),
     ("I don't know.", None),
-    ("A bird in the hand.", None),
-    ("The answer is K.", None),
-    ("Vitamins A, B and C. Hmm.", "C"),
+    ("A bird in the hand.", None),  # rule 4: sentence-opening "A" + lowercase word is the article; rule 5
+    ("The answer is K.", None),  # K is not an option letter (A-J) anywhere; rule 5
+    ("Vitamins A, B and C. Hmm.", "C"),  # rule 4: "A" here does not open a sentence; the last standalone is C
     ("The answer is (A)", "A"),
     ("The answer is A", "A"),
-    ("so the answer is (A).\n\nNote: option I is wrong.", "A"),
+    ("so the answer is (A).\n\nNote: option I is wrong.", "A"),  # rule 1 wins over rule 4 ("I is")
     ("the answer is\n(C)", "C"),
     ("The answer is (B) and not (C).", "B"),
     ("Answer: (J) is right", "J"),
-    ("We pick option F's value; thus F", "F"),
-    ("It's A.", "A"),
+    ("We pick option F's value; thus F", "F"),  # rule 4: "F's" runs on (apostrophe), the last F stands alone
+    ("It's A.", "A"),  # rule 4: "A." does not open a sentence and no lowercase word follows
 ]
 
 

@@ -52,7 +52,10 @@ SHARED_CASES = [
     ("The answer is 00012", "12", True),
     ("The answer is 999,999", "999999", True),
     ("The answer is 12,34", "1234", False),
+    # The rule (numeric.py docstring): the "answer is" sentence holds no number ("twelve" is a word), so the
+    # last number anywhere in the text is the answer: 12, not the 2 of "2 dozen".
     ("The answer is twelve. That is 2 dozen minus 12.", "12", True),
+    # a/b with b = 0 is no number, so the "answer is" sentence holds none; the last number in the text is 4.
     ("The answer is 1/0. Then 4", "4", True),
     ("Total cost: $45.\nThe answer is 45.", "45", True),
     ("The answer is 0", "0", True),

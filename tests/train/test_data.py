@@ -1,5 +1,7 @@
 """Host-side data path: rendering, completion masks, overlong handling, packing, bucketing, step schedule."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -111,7 +113,13 @@ def test_step_schedule_covers_each_epoch_once_and_depends_only_on_the_step():
         seen = np.concatenate([step_example_indices(n, config, epoch * 3 + i) for i in range(3)])
         assert sorted(seen.tolist()) == list(range(n))
     assert not np.array_equal(step_example_indices(n, config, 0), step_example_indices(n, config, 3))
-    assert np.array_equal(step_example_indices(n, config, 4), step_example_indices(n, config, 4))
+    # Only (seed, step) decide a step's examples: not the number of epochs, nor the global numpy state, nor
+    # which steps were computed before (a resumed run asks for step 4 first).
+    fresh = step_example_indices(n, dataclasses.replace(config, epochs=9), 4)
+    np.random.seed(123)
+    np.random.permutation(n)
+    assert np.array_equal(fresh, step_example_indices(n, config, 4))
+    assert not np.array_equal(fresh, step_example_indices(n, dataclasses.replace(config, seed=8), 4))
 
 
 def test_config_rejects_bad_values():

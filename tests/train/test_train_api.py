@@ -56,15 +56,36 @@ def test_train_learns_and_logs_every_step(tok, tmp_path):
     assert packed["loss"] < records[0]["loss"]
 
 
-def test_bf16_compute_keeps_float32_params(tok, tmp_path):
-    config = TrainConfig(lr=1e-2, epochs=1, batch_size=16, micro_batch=16, max_length=48, compute_dtype="bfloat16",
-                         remat=True, loss_chunk=64, progress=False)
+def _one_step(tok, tmp_path, name, **overrides):
+    """(logged first step, model after it) of one optimizer step on all 16 examples from the same seed-0 model."""
+    config = TrainConfig(lr=1e-2, epochs=1, batch_size=16, micro_batch=16, max_length=48, progress=False,
+                         **overrides)
     model = tiny_model(seed=0)
-    train(model, tok, EXAMPLES, config, mesh=one_device(), log_path=tmp_path / "log.jsonl")
-    (record,) = read_log(tmp_path / "log.jsonl")[1:]
-    assert np.isfinite(record["loss"]) and record["loss"] > 0
-    assert model.lm_head[...].dtype == np.float32
-    assert model.dtype == np.float32  # the caller's model keeps its compute dtype
+    train(model, tok, EXAMPLES, config, mesh=one_device(), log_path=tmp_path / f"{name}.jsonl")
+    (record,) = read_log(tmp_path / f"{name}.jsonl")[1:]
+    return record, model
+
+
+def test_remat_chunked_loss_and_bf16_compute_agree_with_the_plain_fp32_step(tok, tmp_path):
+    plain, plain_model = _one_step(tok, tmp_path, "plain", loss_chunk=0)
+    # Remat and a chunked loss (64 tokens per chunk: several chunks, the last one partial) change only memory:
+    # the same loss, gradient and update as the plain step, up to float32 summation order.
+    chunked, chunked_model = _one_step(tok, tmp_path, "chunked", remat=True, loss_chunk=64)
+    assert chunked["loss"] == pytest.approx(plain["loss"], rel=1e-6)
+    assert chunked["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-5)
+    assert chunked["completion_tokens"] == plain["completion_tokens"]
+    np.testing.assert_allclose(np.asarray(chunked_model.lm_head[...]), np.asarray(plain_model.lm_head[...]),
+                               rtol=1e-5, atol=1e-7)
+    # bf16 compute: the same step to bf16 precision (~3 significant digits), float32 params kept.
+    bf16, bf16_model = _one_step(tok, tmp_path, "bf16", compute_dtype="bfloat16", remat=True, loss_chunk=64)
+    assert bf16["loss"] == pytest.approx(plain["loss"], rel=1e-2)
+    assert bf16["grad_norm"] == pytest.approx(plain["grad_norm"], rel=5e-2)
+    assert bf16_model.lm_head[...].dtype == np.float32
+    assert bf16_model.dtype == np.float32  # the caller's model keeps its compute dtype
+    initial = np.asarray(tiny_model(seed=0).lm_head[...])
+    moved = np.asarray(bf16_model.lm_head[...]) - initial
+    expected = np.asarray(plain_model.lm_head[...]) - initial
+    assert np.abs(moved).max() > 0 and np.corrcoef(moved.ravel(), expected.ravel())[0, 1] > 0.99
 
 
 def test_bad_input_is_a_clear_error(tok):

@@ -1,5 +1,6 @@
 """Fixtures of the loop tests: a tiny random student (byte-level BPE tokenizer with a ChatML template),
-saved as a Hugging Face directory, and a small SVAMP-style data file cut from the packaged demo set."""
+saved as a Hugging Face directory, a small SVAMP-style data file cut from the packaged demo set, and one
+finished two-iteration UNDO run (scripted teacher) that the loop tests read or copy."""
 
 from __future__ import annotations
 
@@ -51,3 +52,30 @@ def tiny_student(tmp_path_factory) -> Path:
     corpus = [f"{r['Body']} {r['Question']}" for r in rows]
     corpus += ["Let's compute step by step.", "The answer is 12.", "Solve the problem step by step."]
     return write_tiny_student(tmp_path_factory.mktemp("student") / "tiny", corpus)
+
+
+def tiny_config(run_dir: Path, student: Path, **overrides):
+    from undo_jax.config import run_config
+
+    base = dict(run_dir=str(run_dir), student=str(student), data_source="demo", val_size=8, train_size=24,
+                test_size=16, epochs_first=2, epochs_later=1, lr=1e-3, warmup_ratio=0.0, batch_size=8, micro_batch=8,
+                max_length=256, max_new_tokens=12, eval_batch_size=16, eval_chunk=8, max_iterations=2,
+                diagnosis_examples=5, rewrite_examples=2, teacher="reference")
+    base.update(overrides)
+    return run_config(**base)
+
+
+def number(row_id: str) -> int:
+    return int(row_id.split("-")[-1])
+
+
+@pytest.fixture(scope="session")
+def undo_run(tmp_path_factory, tiny_student):
+    """(run dir, the scripted teacher, final state) of a finished 2-iteration run; tests copy it before changing it."""
+    from tests.undo.scripted_teacher import ScriptedTeacher
+    from undo_jax.undo import run
+
+    run_dir = tmp_path_factory.mktemp("e2e") / "undo"
+    teacher = ScriptedTeacher(cache_path=str(run_dir.parent / "cache.sqlite"))
+    state = run(tiny_config(run_dir, tiny_student), teacher=teacher)
+    return run_dir, teacher, state

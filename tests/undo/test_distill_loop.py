@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from tests.undo.conftest import demo_rows, write_tiny_student
-from tests.undo.test_loop_e2e import tiny_config
+from tests.undo.conftest import demo_rows, tiny_config, write_tiny_student
 from undo_jax.configtree import ConfigError
 from undo_jax.undo import RunDir, run
 from undo_jax.undo.prepare import UndoError

@@ -4,39 +4,17 @@ two UNDO iterations; then a re-run that must recompute nothing, and (slow) the s
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.undo.conftest import number, tiny_config
 from tests.undo.scripted_teacher import GAP_MARKER, ScriptedTeacher
-from undo_jax.config import RunConfig, run_config
 from undo_jax.undo import RunDir, run
 from undo_jax.undo.rundir import read_jsonl
 
 STAGES = {0: ["eval_val", "eval_test"], 1: ["data", "train", "eval_val", "eval_test"],
           2: ["gaps", "data", "train", "eval_val", "eval_test"]}
-
-
-def tiny_config(run_dir: Path, student: Path, **overrides) -> RunConfig:
-    base = dict(run_dir=str(run_dir), student=str(student), data_source="demo", val_size=8, train_size=24,
-                test_size=16, epochs_first=2, epochs_later=1, lr=1e-3, warmup_ratio=0.0, batch_size=8, micro_batch=8,
-                max_length=256, max_new_tokens=12, eval_batch_size=16, eval_chunk=8, max_iterations=2,
-                diagnosis_examples=5, rewrite_examples=2, teacher="reference")
-    base.update(overrides)
-    return run_config(**base)
-
-
-def number(row_id: str) -> int:
-    return int(row_id.split("-")[-1])
-
-
-@pytest.fixture(scope="module")
-def undo_run(tmp_path_factory, tiny_student):
-    run_dir = tmp_path_factory.mktemp("e2e") / "undo"
-    teacher = ScriptedTeacher(cache_path=str(run_dir.parent / "cache.sqlite"))
-    state = run(tiny_config(run_dir, tiny_student), teacher=teacher)
-    return run_dir, teacher, state
 
 
 def test_every_stage_ran_and_left_its_outputs(undo_run):
@@ -218,14 +196,21 @@ def test_regenerate_only_what_the_student_gets_wrong(tiny_student, tmp_path):
     teacher = ScriptedTeacher()
     run(tiny_config(run_dir, tiny_student, regenerate="wrong", eval_base=False, max_iterations=2,
                     allow_flag_change=True), teacher=teacher)
+    previous = {r["id"]: r for r in read_jsonl(run_dir / "iter_1" / "data.jsonl")}
     rewritten = [p for k, p in teacher.requests if k == "rewrite"]
     assert len(rewritten) == sum(not r["correct"] for r in rows) > 0
     for r in read_jsonl(run_dir / "iter_2" / "data.jsonl"):
         if number(r["id"]) % 2 == 0:
             assert r["origin"] == "previous" and not r["changed"]
-        else:
-            assert r["origin"] in ("rewrite", "previous")
-            assert r["teacher_text"] is not None
+        else:  # sent for rewriting: the scripted rewrite is wrong on every 3rd question, so that one keeps its
+            # previous rationale, the others take the rewrite
+            assert r["teacher_text"].startswith("Revised after gap report")
+            if number(r["id"]) % 3 == 0:
+                assert r["origin"] == "previous" and not r["teacher_correct"]
+                assert r["rationale"] == previous[r["id"]]["rationale"]
+            else:
+                assert r["origin"] == "rewrite" and r["teacher_correct"] and r["changed"]
+                assert r["rationale"] == r["teacher_text"]
 
 
 def test_tensorboard_scalars_are_read_back(undo_run):

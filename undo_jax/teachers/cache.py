@@ -18,6 +18,12 @@ from typing import Any
 from undo_jax.teachers.types import SampleResult, TeacherRequest
 
 SCHEMA_VERSION = 1
+RESPONSE_COLUMNS = ("key", "sample_index", "backend", "model", "text", "finish_reason", "input_tokens",
+                    "output_tokens", "metadata", "created")
+
+
+class CacheError(ValueError):
+    """The cache file cannot be used (message: one line naming the file)."""
 
 
 def cache_key(backend: str, model: str, request: TeacherRequest, params: dict[str, Any] | None = None) -> str:
@@ -44,24 +50,43 @@ class ResponseCache:
         parent = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(parent, exist_ok=True)
         self._lock = threading.Lock()
+        try:
+            self._conn = self._open()
+        except sqlite3.DatabaseError as e:  # not SQLite, damaged, or another program's database
+            raise CacheError(f"{self.path}: not a usable teacher cache ({e}); move it away to start a new one "
+                             "(the teacher is then asked again) or restore it") from None
+
+    def _open(self) -> sqlite3.Connection:
         # timeout: another process may hold the write lock for a moment (WAL allows one writer).
-        self._conn = sqlite3.connect(self.path, timeout=60.0, check_same_thread=False, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.execute(
-            "CREATE TABLE IF NOT EXISTS responses ("
-            " key TEXT NOT NULL, sample_index INTEGER NOT NULL,"
-            " backend TEXT NOT NULL, model TEXT NOT NULL,"
-            " text TEXT NOT NULL, finish_reason TEXT NOT NULL,"
-            " input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,"
-            " metadata TEXT NOT NULL, created REAL NOT NULL,"
-            " PRIMARY KEY (key, sample_index))"
-        )
-        self._conn.execute(
-            "CREATE TABLE IF NOT EXISTS batch_jobs ("
-            " job_name TEXT PRIMARY KEY, backend TEXT NOT NULL, model TEXT NOT NULL,"
-            " units TEXT NOT NULL, state TEXT NOT NULL, created REAL NOT NULL)"
-        )
+        conn = sqlite3.connect(self.path, timeout=60.0, check_same_thread=False, isolation_level=None)
+        try:
+            # Read before writing anything: a file that is not our cache is refused unchanged.
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if "responses" in tables:
+                columns = [row[1] for row in conn.execute("PRAGMA table_info(responses)")]
+                if columns != list(RESPONSE_COLUMNS):
+                    raise sqlite3.DatabaseError(f"its responses table has columns {', '.join(columns)}")
+                conn.execute("SELECT COUNT(*) FROM responses").fetchone()  # a damaged file fails here
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS responses ("
+                " key TEXT NOT NULL, sample_index INTEGER NOT NULL,"
+                " backend TEXT NOT NULL, model TEXT NOT NULL,"
+                " text TEXT NOT NULL, finish_reason TEXT NOT NULL,"
+                " input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,"
+                " metadata TEXT NOT NULL, created REAL NOT NULL,"
+                " PRIMARY KEY (key, sample_index))"
+            )
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS batch_jobs ("
+                " job_name TEXT PRIMARY KEY, backend TEXT NOT NULL, model TEXT NOT NULL,"
+                " units TEXT NOT NULL, state TEXT NOT NULL, created REAL NOT NULL)"
+            )
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def get(self, key: str, sample_index: int) -> SampleResult | None:
         with self._lock:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import logging
 import os
 import time
@@ -315,8 +316,6 @@ class UndoRun:
             else:
                 model = train(model, self.tokenizer, examples, config, mesh=self.mesh, checkpoint_dir=ckpt,
                               log_path=log_path)
-        except ValueError as e:  # a checkpoint of other data/settings, or nothing trainable
-            raise UndoError(f"iteration {k} training: {e}") from None
         except OSError as e:
             if e.errno != errno.ENOSPC:
                 raise
@@ -324,9 +323,14 @@ class UndoRun:
                             f"previous checkpoint is intact: free space (or pass --keep_train_state=last/none) and "
                             f"re-run to resume from it") from None
         except Exception as e:  # noqa: BLE001 - a damaged Orbax checkpoint surfaces as many types
-            if ckpt.exists() and "checkpoint" in f"{type(e).__name__} {e}".lower():
+            # Its meta file unreadable (JSONDecodeError, a ValueError), or Orbax failing on the arrays.
+            damaged = isinstance(e, json.JSONDecodeError) or (
+                not isinstance(e, ValueError) and "checkpoint" in f"{type(e).__name__} {e}".lower())
+            if ckpt.exists() and damaged:
                 raise UndoError(f"iteration {k}: checkpoint {ckpt} is corrupt or unreadable "
                                 f"({type(e).__name__}); move it away to retrain this iteration") from None
+            if isinstance(e, ValueError):  # a checkpoint of other data/settings, or nothing trainable
+                raise UndoError(f"iteration {k} training: {e}") from None
             raise
         self._model, self._model_iter = model, k
         self.scalars.train_steps(read_jsonl(self.rd.iter_dir(k) / "train_log.jsonl"), step_offset=self.steps_before(k))

@@ -181,8 +181,8 @@ class RunDir:
             return None
         try:
             return json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            return {}
+        except json.JSONDecodeError:  # markers are written atomically: this one was damaged from outside
+            raise RunDirError(f"{path}: corrupt stage marker (not JSON); delete it to redo that stage") from None
 
     def iterations(self) -> list[int]:
         """Iteration numbers that have a directory, ascending."""
