@@ -56,10 +56,13 @@ def make_run_mesh(cfg: MeshConfig, *, micro_batch: int | None = None):
 
     try:
         mesh = make_mesh(cfg.data, cfg.fsdp, cfg.tensor)
-        if micro_batch is not None:
-            check_rows_fit_mesh(micro_batch, mesh, what="--micro_batch")
     except ValueError as e:
         raise UndoError(f"--mesh_*: {e}") from None
+    if micro_batch is not None:
+        try:
+            check_rows_fit_mesh(micro_batch, mesh, what="--micro_batch")
+        except ValueError as e:  # the message names --micro_batch and the mesh already
+            raise UndoError(str(e)) from None
     return mesh
 
 
