@@ -72,8 +72,8 @@ def test_sharded_model_matches_unsharded(layout):
     shardings = param_shardings(model, mesh)
     assert jax.tree.structure(shardings) == jax.tree.structure(nnx.state(model))
     shard_model(model, mesh)
-    q = model.layers[0].self_attn.q_proj[...]
-    assert q.sharding.spec == spec_for_shape(q.shape, ("embed", "heads", "head_dim"), mesh)
+    q = model.layers.self_attn["q_proj"][...]
+    assert q.sharding.spec == spec_for_shape(q.shape, ("layers", "embed", "heads", "head_dim"), mesh)
     for leaf, sharding in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(shardings), strict=True):
         assert leaf.sharding == sharding
     ids = jax.device_put(ids, batch_sharding(mesh))

@@ -1,8 +1,9 @@
 """The map between our parameter tree and Hugging Face tensor names, and model assembly.
 
 Our layout keeps heads as their own axes (q_proj [embed, heads, head_dim]) so sharding rules can
-name them; HF stores torch Linear weights as [out, in]. Each entry below says how to convert a
-HF tensor to ours and back.
+name them, and stacks the decoder layers ([L, ...] under `layers/`); HF stores torch Linear
+weights as [out, in], one tensor per layer. Each entry below says how to convert one HF tensor to
+its slice of ours and back.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from undo_jax.models.decoder import CausalLM
 class TensorSpec:
     path: tuple  # path in nnx.state(model)
     hf_name: str
-    shape: tuple[int, ...]  # our shape
+    shape: tuple[int, ...]  # our shape (of one layer's slice for stacked parameters)
     to_ours: Callable[[np.ndarray], np.ndarray]
     to_hf: Callable[[np.ndarray], np.ndarray]
+    layer: int | None = None  # index into the stacked [L, ...] parameter at `path`
 
 
 def _identity(x):
@@ -47,12 +49,19 @@ def _reshape(shape, flat):
 
 
 def tensor_specs(config: ModelConfig) -> Iterator[TensorSpec]:
+    for spec in _specs(config):
+        if spec.path[0] == "layers":
+            spec = dataclasses.replace(spec, layer=int(spec.hf_name.split(".")[2]))
+        yield spec
+
+
+def _specs(config: ModelConfig) -> Iterator[TensorSpec]:
     c = config
     d, f, h, kv, hd, v = (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads,
                           c.head_dim, c.vocab_size)
     yield TensorSpec(("embed_tokens",), "model.embed_tokens.weight", (v, d), _identity, _identity)
     for i in range(c.num_hidden_layers):
-        p, n = ("layers", i), f"model.layers.{i}."
+        p, n = ("layers",), f"model.layers.{i}."
         for proj, heads in (("q_proj", h), ("k_proj", kv), ("v_proj", kv)):
             shape = (d, heads, hd)
             yield TensorSpec((*p, "self_attn", proj), n + f"self_attn.{proj}.weight", shape, *_linear(shape))
@@ -110,11 +119,14 @@ def assemble(
         shardings = nnx.to_flat_state(param_shardings(model, mesh, rules))
         # param_shardings keeps the state's Variables (each holding its NamedSharding): unwrap them.
         shardings = {path: s.get_value() if isinstance(s, nnx.Variable) else s for path, s in shardings}
-    specs = list(tensor_specs(config))
+    # One stacked parameter at a time (all its layers together), so the host holds at most one stack.
+    specs = sorted(tensor_specs(config), key=lambda s: (s.layer is not None, s.path, s.layer or 0))
     expected = {s.hf_name for s in specs}
     problems = [f"missing tensor {name}" for name in sorted(expected - available)]
     problems += [f"unexpected tensor {name}" for name in sorted(available - expected) if not ignore(name)]
     values = {}
+    stacks: dict[tuple, np.ndarray] = {}  # stacked params being filled, one layer at a time
+    num_layers = config.num_hidden_layers
     for spec in specs:
         if spec.hf_name not in available:
             continue
@@ -131,6 +143,12 @@ def assemble(
         if problems:
             continue  # keep validating, stop converting
         arr = np.asarray(arr).astype(jnp.dtype(param_dtype))
+        if spec.layer is not None:
+            stack = stacks.setdefault(spec.path, np.empty((num_layers, *spec.shape), arr.dtype))
+            stack[spec.layer] = arr
+            if spec.layer < num_layers - 1:
+                continue
+            arr = stacks.pop(spec.path)  # the last layer is in: place the whole stack
         if shardings is not None:
             values[spec.path] = jax.device_put(arr, shardings[spec.path])
         else:
@@ -149,7 +167,8 @@ def export_tensors(model: CausalLM, *, dtype=None) -> Iterator[tuple[str, np.nda
     """Yield (hf_name, host array) one tensor at a time (gathered from any sharding)."""
     state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     for spec in tensor_specs(model.config):
-        arr = np.asarray(jax.device_get(state[spec.path][...]))
+        value = state[spec.path][...]
+        arr = np.asarray(jax.device_get(value if spec.layer is None else value[spec.layer]))
         if dtype is not None:
             arr = arr.astype(dtype)
         yield spec.hf_name, np.ascontiguousarray(spec.to_hf(arr))
