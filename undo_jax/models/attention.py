@@ -164,7 +164,7 @@ def _chunked_forward(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, *, layer, 
         num_blocks = jnp.minimum((kv_filled + block - 1) // block, num_blocks)
 
     def body(j, carry):
-        m, l, acc = carry
+        m, total, acc = carry
         start, first = _block_start(j, block, s_len)
         kb, vb, cols = _slice_keys(k, v, kv_pos, kv_valid, kv_seg, start, block, layer)
         mask = _block_mask(q_pos, q_seg, cols, start, first, block, window)
@@ -173,20 +173,22 @@ def _chunked_forward(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, *, layer, 
         m_new = jnp.maximum(m, s.max(-1))
         p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
         corr = jnp.exp(m - m_new)
-        l = l * corr + p.sum(-1)
+        total = total * corr + p.sum(-1)
         acc = acc * corr[..., None] + jnp.einsum("bkgts,bksh->bkgth", p.astype(vb.dtype), vb,
                                                  preferred_element_type=jnp.float32)
-        return m_new, l, acc
+        return m_new, total, acc
 
     init = (jnp.full((b, kvh, g, t), MASK_VALUE, jnp.float32), jnp.zeros((b, kvh, g, t), jnp.float32),
             jnp.zeros((b, kvh, g, t, d), jnp.float32))
-    m, l, acc = jax.lax.fori_loop(0, num_blocks, body, init)
-    out = acc / jnp.where(l > 0, l, 1.0)[..., None]
-    lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf)
+    m, total, acc = jax.lax.fori_loop(0, num_blocks, body, init)
+    seen = total > 0  # False: a fully masked query row (output 0, lse +inf so its backward is 0)
+    safe = jnp.where(seen, total, 1.0)
+    out = acc / safe[..., None]
+    lse = jnp.where(seen, m + jnp.log(safe), jnp.inf)
     return _ungroup(out).astype(q.dtype), lse
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _chunked_vjp(block: int, window: int | None, scale: float):
     """The training form of `chunked`: a custom VJP that saves (out, lse) and recomputes each block."""
 

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from undo_jax.models import safetensors_io
-from undo_jax.models.config import ModelConfig
 from undo_jax.models.attention import check_backend
+from undo_jax.models.config import ModelConfig
 from undo_jax.models.decoder import CausalLM, set_attention
 from undo_jax.models.weights import assemble, export_tensors
 
