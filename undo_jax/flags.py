@@ -13,6 +13,9 @@ from typing import Any
 
 from absl import flags
 
+from undo_jax.models.attention import BACKENDS as ATTENTION_BACKENDS
+from undo_jax.models.decoder import REMAT_POLICIES
+
 TASKS = ("svamp", "gsm8k", "math", "math500", "mmlu_pro")
 TEACHERS = ("gemini", "openai", "local", "reference")
 MODES = ("undo", "standard")
@@ -48,6 +51,10 @@ flags.DEFINE_string("teacher_data_from", None,
                     "asking the teacher for iteration 1.")
 flags.DEFINE_enum("param_dtype", "float32", ("float32", "bfloat16"), "Student parameter dtype.")
 flags.DEFINE_enum("compute_dtype", "float32", ("float32", "bfloat16"), "Training compute dtype.")
+flags.DEFINE_enum("attention", "auto", ATTENTION_BACKENDS,
+                  "Student attention backend (auto: tpu kernel on TPU, XLA/cuDNN on GPU, chunked on CPU).")
+flags.DEFINE_enum("remat_policy", "none", REMAT_POLICIES,
+                  "Recompute each decoder layer in the backward pass, saving what this jax.checkpoint policy keeps.")
 # ----- teacher ---------------------------------------------------------------------------------------------
 flags.DEFINE_enum("teacher", "reference", TEACHERS, "Teacher backend.")
 flags.DEFINE_string("teacher_model", None, "Teacher model name (gemini/openai) or checkpoint path (local).")
@@ -118,6 +125,8 @@ class RunConfig:
     teacher_data_from: str | None = None
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
+    attention: str = "auto"
+    remat_policy: str = "none"
     teacher: str = "reference"
     teacher_model: str | None = None
     teacher_base_url: str | None = None
@@ -180,6 +189,7 @@ class RunConfig:
 NON_IDENTITY_FIELDS = frozenset({
     "run_dir", "allow_flag_change", "baseline_run", "teacher_concurrency", "teacher_rpm", "teacher_tpm",
     "teacher_price_input", "teacher_price_output", "teacher_api_key_env", "eval_batch_size",
+    "attention",  # backends agree to float rounding
 })
 
 

@@ -17,7 +17,8 @@ Backends:
   custom VJP that saves only the output and the log-sum-exp and recomputes scores block by block, so
   no [T, S] buffer is ever alive; decode visits only the blocks below `kv_filled` (the filled prefix);
 - `xla`: `jax.nn.dot_product_attention` (cuDNN flash attention on GPU when it applies);
-- `tpu`: the Pallas splash-attention kernel (TPU; on other platforms only with `interpret=True`);
+- `tpu`: the Pallas splash-attention kernel (TPU only; `tpu_interpret` or `interpret=True` runs it
+  in the Pallas interpreter anywhere, which is how the tests check it on CPU);
 - `auto`: `tpu` on TPU for self-attention (T == S), `xla` on GPU, `chunked` otherwise.
 """
 
@@ -29,7 +30,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-BACKENDS = ("auto", "reference", "chunked", "xla", "tpu")
+# tpu_interpret: the tpu kernel run by the Pallas interpreter (any platform; slow: for tests on CPU).
+BACKENDS = ("auto", "reference", "chunked", "xla", "tpu", "tpu_interpret")
 DEFAULT_BLOCK = 256
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: fully masked rows stay NaN-free
 
@@ -57,14 +59,15 @@ def resolve_backend(name: str, *, self_attention: bool, platform: str | None = N
 
 def attention(q, k, v, *, q_positions, kv_positions, kv_valid=None, q_segment_ids=None, kv_segment_ids=None,
               sliding_window: int | None = None, kv_filled=None, layer=None, scale: float | None = None,
-              backend: str = "auto", block_size: int = DEFAULT_BLOCK, interpret: bool = False):
+              backend: str = "auto", block_size: int | None = None, interpret: bool = False):
     """Masked multi-head attention -> [B, T, H, Dh] in q's dtype (softmax in float32).
 
     q [B, T, H, Dh]; k, v [B, KV, S, Dh], or [L, B, KV, S, Dh] with `layer` (an int or traced
     scalar) picking one layer of a stacked cache without copying it; q_positions [B, T] and
     kv_positions [B, S] int; kv_valid [B, S] bool (default all valid); segment ids [B, T] / [B, S]
     int (both or neither); kv_filled: a scalar bound, every slot >= kv_filled is invalid (lets the
-    chunked backend skip the unfilled tail of a preallocated cache); scale default Dh ** -0.5.
+    chunked backend skip the unfilled tail of a preallocated cache); scale default Dh ** -0.5;
+    block_size: keys per chunked block (default DEFAULT_BLOCK).
     """
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise AttentionError("attention: pass both q_segment_ids and kv_segment_ids, or neither")
@@ -75,16 +78,17 @@ def attention(q, k, v, *, q_positions, kv_positions, kv_valid=None, q_segment_id
         kv_valid = jnp.ones(kv_positions.shape, bool)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     name = resolve_backend(backend, self_attention=q.shape[1] == s_len and kv_filled is None)
-    if name in ("reference", "xla", "tpu") and k.ndim == 5:
+    if name != "chunked" and k.ndim == 5:
         k, v = k[layer], v[layer]
     masks = (q_positions, kv_positions, kv_valid, q_segment_ids, kv_segment_ids)
     if name == "reference":
         return _reference(q, k, v, *masks, window=sliding_window, scale=scale)
     if name == "xla":
         return _xla(q, k, v, *masks, window=sliding_window, scale=scale)
-    if name == "tpu":
-        return _splash(q, k, v, *masks, window=sliding_window, scale=scale, interpret=interpret)
-    block = min(block_size, s_len)
+    if name in ("tpu", "tpu_interpret"):
+        return _splash(q, k, v, *masks, window=sliding_window, scale=scale,
+                       interpret=interpret or name == "tpu_interpret")
+    block = min(block_size or DEFAULT_BLOCK, s_len)
     if k.ndim == 4 and kv_filled is None:
         return _chunked_vjp(block, sliding_window, scale)(q, k, v, *masks)
     return _chunked_forward(q, k, v, *masks, layer=layer, kv_filled=kv_filled, block=block,
@@ -259,7 +263,7 @@ def _splash(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, *, window, scale, i
     platform = jax.default_backend()
     if platform != "tpu" and not interpret:
         raise AttentionError(f"attention backend 'tpu': the Pallas splash kernel needs a TPU (this is {platform}); "
-                             "use interpret=True to emulate it, or chunked / xla")
+                             "use tpu_interpret to emulate it, or chunked / xla")
     t, s_len = q.shape[1], k.shape[2]
     if t != s_len:
         raise AttentionError(f"attention backend 'tpu': the splash kernel serves self-attention (T == S), got "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from undo_jax.models.decoder import REMAT_POLICIES
+
 SCHEDULES = ("cosine", "linear", "constant")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -41,6 +43,7 @@ class TrainConfig:
     clip_norm: float = 1.0  # global gradient-norm clip; 0 disables
     seed: int = 0
     remat: bool = False  # recompute each decoder layer in the backward pass (less memory, ~1/3 more compute)
+    remat_policy: str = "nothing_saveable"  # with remat: what the layer keeps (a jax.checkpoint_policies name)
     compute_dtype: str = "float32"  # float32 | bfloat16 (params and optimizer state stay float32)
     packing: bool = True  # pack several examples per row (segment ids keep them apart); else pad per bucket
     loss_chunk: int = 2048  # tokens per logits chunk in the loss (bounds the [tokens, vocab] buffer); 0 = one chunk
@@ -65,6 +68,8 @@ class TrainConfig:
             problems.append(f"min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio})")
         if self.schedule not in SCHEDULES:
             problems.append(f"schedule must be one of {', '.join(SCHEDULES)} (got {self.schedule!r})")
+        if self.remat_policy not in REMAT_POLICIES[1:]:
+            problems.append(f"remat_policy must be one of {', '.join(REMAT_POLICIES[1:])} (got {self.remat_policy!r})")
         if self.compute_dtype not in COMPUTE_DTYPES:
             problems.append(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)} (got {self.compute_dtype!r})")
         for name in ("weight_decay", "clip_norm", "save_every", "loss_chunk"):
