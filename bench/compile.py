@@ -6,8 +6,9 @@
 Compile only (abstract parameters: nothing is allocated or run). Programs: `train` is the trainer's
 gradient function for one micro-batch (forward, chunked-vocabulary loss, backward); `sample` is the
 sampler's prefill plus its on-device decode loop (`undo_jax.sampling.engine`). Each program and model is
-compiled once, in one process, one after the other. JSON lines: one per (program, layers, scanned), then
-one summary per (program, scanned) with `compile_ratio_30_over_2`.
+compiled --repeats times (caches cleared: a fresh trace and compile each time; the minimum is reported),
+in one process. JSON lines: one per (program, layers, scanned), then one summary per (program, scanned)
+with `compile_ratio_30_over_2`.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def compile_train(model, batch: int, seq: int) -> float:
     from undo_jax.train.step import make_optimizer, make_step_functions
     from undo_jax.train.trainer import compute_graphdef
 
+    jax.clear_caches()  # a fresh compile, not a cached executable
     config = TrainConfig(micro_batch=batch, batch_size=batch, max_length=seq, progress=False)
     graphdef, _, _ = compute_graphdef(model, "float32")
     params = nnx.state(model, nnx.Param).to_pure_dict()
@@ -61,6 +63,7 @@ def compile_sample(model, batch: int, prompt: int, new: int) -> float:
     from undo_jax.sampling import engine
     from undo_jax.sampling.sample import SamplingSettings
 
+    jax.clear_caches()  # the engine's jitted functions would otherwise return their cached executables
     graphdef, state = nnx.split(model)
     cache = jax.eval_shape(lambda: model.init_cache(batch, prompt + new))
 
@@ -85,6 +88,8 @@ def main():
     parser.add_argument("--new", type=int, default=256)
     parser.add_argument("--attention", default="auto")
     parser.add_argument("--programs", default="train,sample")
+    parser.add_argument("--layouts", default="scanned,unrolled")
+    parser.add_argument("--repeats", type=int, default=2, help="compiles per variant; the minimum is reported")
     args = parser.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from train import SMOLLM2_135M
@@ -92,18 +97,21 @@ def main():
     batch, seq = map(int, args.train_shape.split("x"))
     times = {}
     for program in args.programs.split(","):
-        for scan in (True, False):
+        for scan in [layout == "scanned" for layout in args.layouts.split(",")]:
             for layers in (2, SMOLLM2_135M["num_hidden_layers"]):
                 model = _abstract_model(SMOLLM2_135M, layers, scan, args.attention)
                 if program == "train":
-                    seconds = compile_train(model, batch, seq)
+                    runs = [compile_train(model, batch, seq) for _ in range(args.repeats)]
                     shape = {"batch": batch, "seq": seq}
                 else:
-                    seconds = compile_sample(model, args.sample_batch, args.prompt, args.new)
+                    runs = [compile_sample(model, args.sample_batch, args.prompt, args.new)
+                            for _ in range(args.repeats)]
                     shape = {"batch": args.sample_batch, "prompt": args.prompt, "new": args.new}
+                seconds = min(runs)
                 times[program, scan, layers] = seconds
                 print(json.dumps({"program": program, "layers": layers, "scanned": scan, "attention": args.attention,
-                                  **shape, "compile_s": round(seconds, 2), "load_avg": os.getloadavg()[0]}),
+                                  **shape, "compile_s": round(seconds, 2),
+                                  "compile_runs_s": [round(r, 2) for r in runs], "load_avg": os.getloadavg()[0]}),
                       flush=True)
             deep = times[program, scan, SMOLLM2_135M["num_hidden_layers"]]
             print(json.dumps({"program": program, "scanned": scan, "summary": True,
