@@ -63,7 +63,7 @@ def attention(q, k, v, *, q_positions, kv_positions, kv_valid=None, q_segment_id
     """Masked multi-head attention -> [B, T, H, Dh] in q's dtype (softmax in float32).
 
     q [B, T, H, Dh]; k, v [B, KV, S, Dh], or [L, B, KV, S, Dh] with `layer` (an int or traced
-    scalar) picking one layer of a stacked cache without copying it; q_positions [B, T] and
+    scalar) picking one layer of a stacked cache; q_positions [B, T] and
     kv_positions [B, S] int; kv_valid [B, S] bool (default all valid); segment ids [B, T] / [B, S]
     int (both or neither); kv_filled: a scalar bound, every slot >= kv_filled is invalid (lets the
     chunked backend skip the unfilled tail of a preallocated cache); scale default Dh ** -0.5;
@@ -78,7 +78,9 @@ def attention(q, k, v, *, q_positions, kv_positions, kv_valid=None, q_segment_id
         kv_valid = jnp.ones(kv_positions.shape, bool)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     name = resolve_backend(backend, self_attention=q.shape[1] == s_len and kv_filled is None)
-    if name != "chunked" and k.ndim == 5:
+    if k.ndim == 5:
+        # One layer's [B, KV, S, Dh] slice first: measured 3-4x faster on XLA:CPU than reading key blocks
+        # straight out of the stacked cache carried through the layer scan (that made XLA copy it).
         k, v = k[layer], v[layer]
     masks = (q_positions, kv_positions, kv_valid, q_segment_ids, kv_segment_ids)
     if name == "reference":
@@ -91,8 +93,8 @@ def attention(q, k, v, *, q_positions, kv_positions, kv_valid=None, q_segment_id
     block = min(block_size or DEFAULT_BLOCK, s_len)
     if k.ndim == 4 and kv_filled is None:
         return _chunked_vjp(block, sliding_window, scale)(q, k, v, *masks)
-    return _chunked_forward(q, k, v, *masks, layer=layer, kv_filled=kv_filled, block=block,
-                            window=sliding_window, scale=scale)[0]
+    return _chunked_forward(q, k, v, *masks, kv_filled=kv_filled, block=block, window=sliding_window,
+                            scale=scale)[0]
 
 
 # ---------------------------------------------------------------- masks and layouts
@@ -136,15 +138,9 @@ def _block_start(j, block, s_len):
     return jnp.minimum(first, s_len - block), first
 
 
-def _slice_keys(k, v, kv_pos, kv_valid, kv_seg, start, block, layer):
-    if k.ndim == 5:
-        starts = (layer, 0, 0, start, 0)
-        sizes = (1, *k.shape[1:3], block, k.shape[-1])
-        kb = jax.lax.dynamic_slice(k, starts, sizes)[0]
-        vb = jax.lax.dynamic_slice(v, starts, sizes)[0]
-    else:
-        kb = jax.lax.dynamic_slice_in_dim(k, start, block, axis=2)
-        vb = jax.lax.dynamic_slice_in_dim(v, start, block, axis=2)
+def _slice_keys(k, v, kv_pos, kv_valid, kv_seg, start, block):
+    kb = jax.lax.dynamic_slice_in_dim(k, start, block, axis=2)
+    vb = jax.lax.dynamic_slice_in_dim(v, start, block, axis=2)
     cols = (jax.lax.dynamic_slice_in_dim(kv_pos, start, block, axis=1),
             jax.lax.dynamic_slice_in_dim(kv_valid, start, block, axis=1),
             None if kv_seg is None else jax.lax.dynamic_slice_in_dim(kv_seg, start, block, axis=1))
@@ -157,7 +153,7 @@ def _block_mask(q_pos, q_seg, cols, start, first, block, window):
     return allowed(q_pos, pos, valid & fresh[None], q_seg, seg, window)[:, None, None]
 
 
-def _chunked_forward(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, *, layer, kv_filled, block, window, scale):
+def _chunked_forward(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, *, kv_filled, block, window, scale):
     """-> (out [B, T, H, Dh], lse [B, KV, G, T] float32; +inf on fully masked rows)."""
     s_len = k.shape[-2]
     num_kv = k.shape[-3]
@@ -170,7 +166,7 @@ def _chunked_forward(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, *, layer, 
     def body(j, carry):
         m, total, acc = carry
         start, first = _block_start(j, block, s_len)
-        kb, vb, cols = _slice_keys(k, v, kv_pos, kv_valid, kv_seg, start, block, layer)
+        kb, vb, cols = _slice_keys(k, v, kv_pos, kv_valid, kv_seg, start, block)
         mask = _block_mask(q_pos, q_seg, cols, start, first, block, window)
         s = jnp.einsum("bkgth,bksh->bkgts", qg, kb, preferred_element_type=jnp.float32)
         s = jnp.where(mask, s, MASK_VALUE)
@@ -197,8 +193,8 @@ def _chunked_vjp(block: int, window: int | None, scale: float):
     """The training form of `chunked`: a custom VJP that saves (out, lse) and recomputes each block."""
 
     def forward(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg):
-        return _chunked_forward(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, layer=None, kv_filled=None,
-                                block=block, window=window, scale=scale)
+        return _chunked_forward(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, kv_filled=None, block=block,
+                                window=window, scale=scale)
 
     @jax.custom_vjp
     def fn(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg):
@@ -218,7 +214,7 @@ def _chunked_vjp(block: int, window: int | None, scale: float):
         def body(j, carry):
             dq, dk, dv = carry
             start, first = _block_start(j, block, s_len)
-            kb, vb, cols = _slice_keys(k, v, kv_pos, kv_valid, kv_seg, start, block, None)
+            kb, vb, cols = _slice_keys(k, v, kv_pos, kv_valid, kv_seg, start, block)
             kb, vb = kb.astype(jnp.float32), vb.astype(jnp.float32)
             mask = _block_mask(q_pos, q_seg, cols, start, first, block, window)
             s = jnp.einsum("bkgth,bksh->bkgts", qg, kb)
