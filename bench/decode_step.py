@@ -30,8 +30,8 @@ def main():
     import jax
     import jax.numpy as jnp
     from flax import nnx
-
     from train import SMOLLM2_135M
+
     from undo_jax.models import CausalLM, ModelConfig
 
     model = CausalLM(ModelConfig(**SMOLLM2_135M), rngs=nnx.Rngs(0))
