@@ -9,6 +9,7 @@ its slice of ours and back.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator
 
 import jax
@@ -84,6 +85,23 @@ def _specs(config: ModelConfig) -> Iterator[TensorSpec]:
         yield TensorSpec(("lm_head",), "lm_head.weight", (d, v), lambda w: w.T, lambda w: w.T)
 
 
+def _zeros(shape, dtype, sharding):
+    if sharding is None:
+        return jnp.zeros(shape, dtype)
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+
+
+def _layer_sharding(stack_sharding):
+    """The sharding of one [L, ...] stack's layer: the stack's spec without its leading `layers` entry."""
+    spec = tuple(stack_sharding.spec)
+    return jax.sharding.NamedSharding(stack_sharding.mesh, jax.sharding.PartitionSpec(*spec[1:]))
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stack, layer, index):
+    return jax.lax.dynamic_update_index_in_dim(stack, layer.astype(stack.dtype), index, 0)
+
+
 class WeightsError(ValueError):
     """Checkpoint tensors that do not match the model: lists every problem at once."""
 
@@ -125,7 +143,7 @@ def assemble(
     problems = [f"missing tensor {name}" for name in sorted(expected - available)]
     problems += [f"unexpected tensor {name}" for name in sorted(available - expected) if not ignore(name)]
     values = {}
-    stacks: dict[tuple, np.ndarray] = {}  # stacked params being filled, one layer at a time
+    stacks: dict[tuple, jax.Array] = {}  # stacked params being filled on their devices, one layer at a time
     num_layers = config.num_hidden_layers
     for spec in specs:
         if spec.hf_name not in available:
@@ -144,11 +162,16 @@ def assemble(
             continue  # keep validating, stop converting
         arr = np.asarray(arr).astype(jnp.dtype(param_dtype))
         if spec.layer is not None:
-            stack = stacks.setdefault(spec.path, np.empty((num_layers, *spec.shape), arr.dtype))
-            stack[spec.layer] = arr
-            if spec.layer < num_layers - 1:
-                continue
-            arr = stacks.pop(spec.path)  # the last layer is in: place the whole stack
+            # Written into the placed stack in place (donated): the host holds one layer's tensor at a time.
+            sharding = None if shardings is None else shardings[spec.path]
+            if spec.path not in stacks:
+                stacks[spec.path] = _zeros((num_layers, *spec.shape), arr.dtype, sharding)
+            layer = arr if sharding is None else jax.device_put(arr, _layer_sharding(sharding))
+            stacks[spec.path] = _set_layer(stacks[spec.path], layer, spec.layer)
+            del arr, raw, layer
+            if spec.layer == num_layers - 1:
+                values[spec.path] = stacks.pop(spec.path)
+            continue
         if shardings is not None:
             values[spec.path] = jax.device_put(arr, shardings[spec.path])
         else:
