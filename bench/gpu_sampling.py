@@ -88,13 +88,15 @@ def main() -> None:
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--attention", default="auto", help="attention backend (undo_jax.models.attention)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--hbm-peak", type=float, default=4.8e12, help="bytes/s (H200: 4.8e12)")
     args = parser.parse_args()
     dtype = jnp.dtype(args.dtype)
     config = ModelConfig(**(TINY if args.tiny else QWEN25_05B))
     t = time.perf_counter()
-    model = nnx.jit(lambda: CausalLM(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))()
+    model = nnx.jit(lambda: CausalLM(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype,
+                                     attention=args.attention))()
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     if not config.tie_word_embeddings:  # an untied input embedding is only gathered, not read whole
         param_bytes -= model.embed_tokens[...].nbytes

@@ -61,6 +61,7 @@ def main():
     parser.add_argument("--seq", type=int, default=None, help="tokens per row (default 1024; tiny 64)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps after one warmup (compile) step")
     parser.add_argument("--remat", action="store_true", help="recompute each layer in the backward pass")
+    parser.add_argument("--attention", default="auto", help="attention backend (undo_jax.models.attention)")
     parser.add_argument("--loss-chunk", type=int, default=4096)
     parser.add_argument("--peak-tflops", type=float, default=H200_DENSE_BF16_TFLOPS)
     args = parser.parse_args()
@@ -80,7 +81,7 @@ def main():
     device = jax.devices()[0]
     measured_peak = measured_bf16_matmul_peak(256 if args.tiny else 8192)
 
-    model = CausalLM(ModelConfig(**cfg), rngs=nnx.Rngs(0))
+    model = CausalLM(ModelConfig(**cfg), rngs=nnx.Rngs(0), attention=args.attention)
     rng = np.random.default_rng(0)
     seqs = [TokenizedExample(rng.integers(3, cfg["vocab_size"], size=seq).astype(np.int32), seq // 2)
             for _ in range(batch)]
@@ -105,7 +106,7 @@ def main():
     print(json.dumps({
         "device": str(device.device_kind), "platform": device.platform,
         "model": "tiny" if args.tiny else "Qwen2.5-0.5B shape (random init)", "batch": batch, "seq": seq,
-        "remat": args.remat, "compute_dtype": "bfloat16", "params_dtype": "float32",
+        "remat": args.remat, "attention": args.attention, "compute_dtype": "bfloat16", "params_dtype": "float32",
         "first_step_s": records[0]["step_time_s"], "median_step_s": step_s, "step_times_s": times,
         "tokens_per_s": batch * seq / step_s, "model_tflop_per_step": flops / 1e12,
         "model_tflops_per_s": flops / step_s / 1e12,

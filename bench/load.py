@@ -139,7 +139,7 @@ def _check_sharding(model, mesh) -> dict:
             split += 1
         elif all(a is None for a in want.spec):
             replicated_ok += 1
-    keep = {k: v for k, v in specs.items() if k.startswith(("embed_tokens", "layers/0/", "norm"))}
+    keep = {k: v for k, v in specs.items() if k.startswith(("embed_tokens", "layers/", "norm"))}
     return {"n_params": len(specs), "n_split": split, "n_replicated": replicated_ok,
             "mismatches": mismatches, "specs": keep}
 
@@ -153,21 +153,21 @@ def _verify_values(model, source: str) -> list[str]:
     from undo_jax.models.safetensors_io import SafetensorsFile
 
     files = {n: SafetensorsFile(f) for f in _safetensors_files(source) for n in SafetensorsFile(f).keys()}
-    attn = model.layers[3].self_attn
+    attn = model.layers.self_attn  # stacked [L, ...]: layer 3 is index 3
     c = model.config
     q_shape = (c.hidden_size, c.num_attention_heads, c.head_dim)
     checks = {
         "model.embed_tokens.weight": (model.embed_tokens, lambda w: w[::997]),
-        "model.layers.3.self_attn.q_proj.weight": (attn.q_proj, lambda w: w.T.reshape(q_shape)),
-        "model.layers.3.self_attn.k_proj.bias": (attn.k_bias, lambda w: w.reshape(c.num_key_value_heads, c.head_dim)),
-        "model.layers.3.mlp.down_proj.weight": (model.layers[3].mlp.down_proj, lambda w: w.T),
+        "model.layers.3.self_attn.q_proj.weight": (attn["q_proj"], lambda w: w.T.reshape(q_shape)),
+        "model.layers.3.self_attn.k_proj.bias": (attn["k_bias"],
+                                                 lambda w: w.reshape(c.num_key_value_heads, c.head_dim)),
+        "model.layers.3.mlp.down_proj.weight": (model.layers.mlp["down_proj"], lambda w: w.T),
     }
     bad = []
     for name, (param, convert) in checks.items():
         file_value = np.asarray(convert(np.asarray(files[name][name])), np.float32)
         loaded = np.asarray(jax.device_get(param[...]), np.float32)
-        if name == "model.embed_tokens.weight":
-            loaded = loaded[::997]
+        loaded = loaded[::997] if name == "model.embed_tokens.weight" else loaded[3]
         if loaded.shape != file_value.shape or not np.array_equal(loaded, file_value):
             bad.append(name)
     return bad

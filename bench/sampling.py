@@ -78,6 +78,22 @@ def matmul_peak(size: int = 2048, repeats: int = 5) -> dict:
             "torch_flops": flops / statistics.median(torch_times[1:])}
 
 
+def stream_read_bytes_per_s(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """This machine's memory-bandwidth limit as JAX sees it: best time of a sum over a 1 GiB float32 array."""
+    a = jnp.ones((n_bytes // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(a).block_until_ready()
+    best = min(time_runs(lambda: total(a).block_until_ready(), repeats))
+    return n_bytes / best
+
+
+def decode_bytes_per_token(config, param_bytes: int, prompt_len: int, n_new: int, itemsize: int = 4) -> float:
+    """Bytes a batch-1 decode step must read: every weight once, plus the filled KV prefix (mean over steps)."""
+    mean_filled = prompt_len + n_new / 2
+    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * itemsize * mean_filled
+    return param_bytes + kv
+
+
 def useful_flops(config, prompt_lengths: list[int], new_tokens: int) -> float:
     """Matmul + attention FLOPs of the real tokens (no padding, causal context only)."""
     c = config
@@ -161,11 +177,15 @@ def main() -> None:
                                                pad_token_id=0)
 
     peak = matmul_peak()
+    stream_bw = stream_read_bytes_per_s()
+    from flax import nnx
+
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     emit({"kind": "env", "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, fp32)", "new_tokens": n_new,
           "repeats": args.repeats, "cpu_count": os.cpu_count(), "torch_threads": thread_counts,
           "jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
           "jax_matmul_peak_flops": peak["jax_flops"], "torch_matmul_peak_flops": peak["torch_flops"],
-          "load_avg_1min": os.getloadavg()[0]})
+          "stream_read_bytes_per_s": stream_bw, "load_avg_1min": os.getloadavg()[0]})
 
     all_prompts = [[{"role": "user", "content": q}] for q in questions(max(batches))]
     for batch in batches:
@@ -213,6 +233,12 @@ def main() -> None:
             emit({"kind": "run", "impl": impl, "batch": batch, "new_tokens": n_new, "seconds_median": median,
                   "seconds_all": times, "tokens_per_s": batch * n_new / median, "useful_flops_per_s": flops / median,
                   "fraction_of_own_matmul_peak": flops / median / peak_flops, **extra})
+        if batch == 1:
+            # Whole generate (prefill included) per token: a lower bound on the decode step's bandwidth use.
+            per_token = decode_bytes_per_token(model.config, param_bytes, len(prompt_ids[0]), n_new)
+            achieved = per_token * n_new / statistics.median(ours_times)
+            emit({"kind": "bandwidth", "batch": 1, "bytes_per_token": per_token, "achieved_bytes_per_s": achieved,
+                  "stream_read_bytes_per_s": stream_bw, "fraction_of_stream_read": achieved / stream_bw})
         emit({"kind": "compare", "batch": batch, "transformers_torch_threads": best_threads,
               "speedup_undo_jax_over_transformers": statistics.median(hf_times) / statistics.median(ours_times),
               "greedy_token_agreement": float(agree), "load_avg_1min": os.getloadavg()[0]})

@@ -147,7 +147,7 @@ def worker_jax(args, cfg, mode):
         best = max(best, 2 * n**3 / (time.perf_counter() - t0))
 
     model_cfg = ModelConfig(**cfg)
-    model = CausalLM(model_cfg, rngs=nnx.Rngs(0))
+    model = CausalLM(model_cfg, rngs=nnx.Rngs(0), attention=args.attention)
     ids, prompt_len = batch_arrays(cfg, args.batch, args.seq)
     seqs = [TokenizedExample(row, prompt_len) for row in ids]
     config = TrainConfig(lr=1e-5, epochs=args.steps + 1, batch_size=args.batch, micro_batch=args.micro_batch,
@@ -216,6 +216,7 @@ def main():
     parser.add_argument("--phases", default=None,
                         help="run order, e.g. torch,fp32,torch,remat,bf16 (default: torch, then modes, then torch)")
     parser.add_argument("--torch-remat", action="store_true", help="gradient checkpointing in the PyTorch loop")
+    parser.add_argument("--attention", default="auto", help="undo_jax attention backend (undo_jax.models.attention)")
     parser.add_argument("--out", default=None, help="also write the JSON result here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -227,14 +228,15 @@ def main():
         return worker_jax(args, cfg, args.worker)
 
     common = [f"--batch={args.batch}", f"--seq={args.seq}", f"--steps={args.steps}", f"--loss-chunk={args.loss_chunk}",
-              f"--micro-batch={args.micro_batch}"]
+              f"--micro-batch={args.micro_batch}", f"--attention={args.attention}"]
     common += ["--tiny"] if args.tiny else []
     common += ["--torch-remat"] if args.torch_remat else []
     tokens_per_step = args.batch * args.seq
     flops = model_flops_per_step(cfg, args.batch, args.seq)
     modes = args.modes.split(",")
     phases = args.phases.split(",") if args.phases else ["torch", *modes, "torch"]
-    results = {"model": "tiny" if args.tiny else "SmolLM2-135M shape (random init)", "batch": args.batch,
+    results = {"model": "tiny" if args.tiny else "SmolLM2-135M shape (random init)", "attention": args.attention,
+               "batch": args.batch,
                "micro_batch": args.micro_batch, "seq": args.seq, "timed_steps": args.steps,
                "model_tflop_per_step": flops / 1e12, "phases": phases, "modes": {}}
     peak, torch_times, torch_rss, load = 0.0, [], 0.0, {}

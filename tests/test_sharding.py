@@ -82,10 +82,12 @@ def test_sharded_model_matches_unsharded(name, layout):
     shardings = param_shardings(model, mesh)
     assert jax.tree.structure(shardings) == jax.tree.structure(nnx.state(model))
     shard_model(model, mesh)
-    attn = model.layers[0].self_attn
+    attn = model.layers.self_attn  # stacked over the layers: a leading, replicated [L] axis
+    layers = config.num_hidden_layers
     for param, shape in SHARD_SHAPES[name].items():
-        value = getattr(model if param == "embed_tokens" else attn, param)[...]
-        assert {s.data.shape for s in value.addressable_shards} == {shape}, param
+        value = model.embed_tokens[...] if param == "embed_tokens" else attn[param][...]
+        want = shape if param == "embed_tokens" else (layers, *shape)
+        assert {s.data.shape for s in value.addressable_shards} == {want}, param
     for leaf, sharding in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(shardings), strict=True):
         assert leaf.sharding == sharding
     ids = jax.device_put(ids, batch_sharding(mesh))

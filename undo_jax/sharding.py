@@ -45,6 +45,7 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "kv_heads": "tensor",
     "head_dim": None,
     "norm": None,
+    "layers": None,  # the stacked decoder layers' leading axis: every device holds every layer's slice
 }
 
 

@@ -196,3 +196,14 @@ def test_an_older_run_dir_without_the_new_settings_resumes(tmp_path):
     changed = run_config(run_dir=str(tmp_path / "run"), student="s", remat=True)
     with pytest.raises(RunDirError, match="--remat=False"):
         rd.prepare(to_flag_lines(changed), changed.identity(), allow_change=False, defaults=identity_defaults())
+
+
+def test_jax_free_choice_lists_match_the_models():
+    # config.py and train/config.py keep copies so that the config tree imports without JAX.
+    from undo_jax.config import ATTENTION_BACKENDS
+    from undo_jax.models.attention import BACKENDS
+    from undo_jax.models.decoder import REMAT_POLICIES as MODEL_POLICIES
+    from undo_jax.train.config import REMAT_POLICIES
+
+    assert ATTENTION_BACKENDS == BACKENDS
+    assert ("none", *REMAT_POLICIES) == MODEL_POLICIES

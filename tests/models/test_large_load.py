@@ -48,14 +48,15 @@ def _check_load(bench, ckpt):
     sharding = report["sharding"]
     assert sharding["mismatches"] == []  # every param: the NamedSharding the rules give, and its shard shape
     # Every param is either split over devices or (norms: no sharded axis) replicated.
-    assert sharding["n_split"] + sharding["n_replicated"] == sharding["n_params"] == 28 * 12 + 2
-    assert sharding["n_split"] == 28 * 10 + 1  # 7 projections + 3 biases per layer, and the embedding
+    # Stacked layers: one [28, ...] param per layer tensor kind, its leading `layers` axis replicated.
+    assert sharding["n_split"] + sharding["n_replicated"] == sharding["n_params"] == 12 + 2
+    assert sharding["n_split"] == 10 + 1  # 7 projections + 3 biases, and the embedding
     specs = sharding["specs"]
     assert specs["embed_tokens"] == "P('tensor', 'fsdp')"
-    assert specs["layers/0/self_attn/q_proj"] == "P('fsdp', 'tensor', None)"
-    assert specs["layers/0/self_attn/o_proj"] == "P('tensor', None, 'fsdp')"
-    assert specs["layers/0/mlp/down_proj"] == "P('tensor', 'fsdp')"
-    assert specs["layers/0/self_attn/k_bias"] == "P('tensor', None)"
+    assert specs["layers/self_attn/q_proj"] == "P(None, 'fsdp', 'tensor', None)"
+    assert specs["layers/self_attn/o_proj"] == "P(None, 'tensor', None, 'fsdp')"
+    assert specs["layers/mlp/down_proj"] == "P(None, 'tensor', 'fsdp')"
+    assert specs["layers/self_attn/k_bias"] == "P(None, 'tensor', None)"
     assert specs["norm/weight"] == "P(None,)"
 
     # One tensor at a time from per-tensor memory maps: the host never holds the model twice.

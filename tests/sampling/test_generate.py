@@ -48,9 +48,8 @@ def test_prefill_logits_equal_full_forward(model, toy_tokenizer, chats):
     for i, row in enumerate(ids):
         input_ids[i, p - len(row) :], mask[i, p - len(row) :] = row, True
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
-    kv_valid = np.concatenate([mask, np.ones((4, 8), bool)], axis=1)
     graphdef, state = nnx.split(model)
-    logits, _ = engine.prefill(graphdef, state, model.init_cache(4, p + 8), input_ids, positions, kv_valid)
+    logits, _ = engine.prefill(graphdef, state, model.init_cache(4, p + 8), input_ids, positions, mask)
     reference = model(input_ids, attention_mask=mask)[:, -1]
     np.testing.assert_allclose(np.asarray(logits), np.asarray(reference), rtol=1e-5, atol=1e-5)
 
@@ -136,7 +135,7 @@ def test_batch_that_cannot_fit_fails_before_allocating(toy_tokenizer):
 
 def test_kv_cache_formula(model):
     cache = model.init_cache(3, 40)
-    actual = sum(k.nbytes + v.nbytes for k, v in cache)
+    actual = cache.k.nbytes + cache.v.nbytes
     assert kv_cache_bytes(model.config, 3, 40, model.dtype) == actual
 
 

@@ -154,14 +154,16 @@ def test_save_and_restore_params_only(tmp_path):
 
     target = shard_model(tiny_model(seed=3), mesh)
     restore_model(target, tmp_path / "student")
-    assert target.layers[0].mlp.up_proj[...].sharding.mesh.shape == mesh.shape
+    assert target.layers.mlp["up_proj"][...].sharding.mesh.shape == mesh.shape
     assert_bit_identical(flat_params(target), flat_params(source))
 
 
 def test_checkpoint_of_another_model_is_a_clear_error(straight, tmp_path):
     _, ckpt, _ = straight
     bigger = tiny_model(seed=0, intermediate_size=96)
-    with pytest.raises(CheckpointMismatchError, match=r"another model's parameters: .*mlp.*\(64, 32\).*\(96, 32\)"):
+    # Stacked layers: shapes carry the leading layer axis (2 layers).
+    mismatch = r"another model's parameters: .*mlp.*\(2, 64, 32\).*\(2, 96, 32\)"
+    with pytest.raises(CheckpointMismatchError, match=mismatch):
         train_tokenized(bigger, make_seqs(), CONFIG, mesh=one_device(), checkpoint_dir=ckpt)
     with pytest.raises(CheckpointMismatchError, match="another model's parameters"):
         restore_model(tiny_model(seed=0, intermediate_size=96), ckpt)

@@ -4,6 +4,12 @@ One module covers the three families; they differ only in QKV bias (Qwen2), per-
 RMSNorm (Qwen3), tied embeddings and RoPE scaling (Llama 3). Every parameter carries
 `logical_axes` metadata that `undo_jax.sharding` maps onto a device mesh.
 
+The decoder layers are one `DecoderLayer` whose parameters are stacked with a leading `layers`
+axis ([L, ...]); they run under `jax.lax.scan` (compile time independent of depth) or, with
+`scan_layers=False`, as an unrolled Python loop over the same stacked parameters. Attention goes
+through `undo_jax.models.attention.attention` (backend chosen by `attention=`). The KV cache is a
+`KVCache` of stacked [L, B, KV, S, Dh] keys and values plus per-row slot positions and validity.
+
 Parameter dtype and compute dtype are separate: weights are cast to `dtype` at use, norms and
 softmax run in float32, logits are returned in float32.
 """
@@ -11,18 +17,23 @@ softmax run in float32, logits are returned in float32.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from undo_jax.models.attention import attention, check_backend
 from undo_jax.models.config import ModelConfig
 
 _INIT_STD = 0.02
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: fully masked rows stay NaN-free
+# jax.checkpoint policies by name; "none" = no remat (every activation saved).
+REMAT_POLICIES = ("none", "nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable")
 
 
-def _param(rngs: nnx.Rngs, shape, axes, dtype, *, zeros=False, ones=False) -> nnx.Param:
+def _param(rngs: nnx.Rngs, shape, axes, dtype, *, zeros=False, ones=False, layers: int | None = None) -> nnx.Param:
+    if layers is not None:  # stacked over decoder layers: a leading replicated `layers` axis
+        shape, axes = (layers, *shape), ("layers", *axes)
     if ones:
         value = jnp.ones(shape, dtype)
     elif zeros:
@@ -33,8 +44,9 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, *, zeros=False, ones=False) -> nn
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, *, axis_name: str | None, param_dtype, rngs: nnx.Rngs):
-        self.weight = _param(rngs, (dim,), (axis_name,), param_dtype, ones=True)
+    def __init__(self, dim: int, eps: float, *, axis_name: str | None, param_dtype, rngs: nnx.Rngs,
+                 layers: int | None = None):
+        self.weight = _param(rngs, (dim,), (axis_name,), param_dtype, ones=True, layers=layers)
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -79,96 +91,79 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
 
-class Attention(nnx.Module):
-    def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        d, h, kv, hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.q_proj = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), param_dtype)
-        self.k_proj = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), param_dtype)
-        self.v_proj = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), param_dtype)
-        self.o_proj = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), param_dtype)
+class DecoderLayer(nnx.Module):
+    """One pre-norm decoder layer; built with `layers=L`, every parameter is stacked [L, ...] and a
+    slice of the state (one layer) merged with the same graphdef runs that layer."""
+
+    def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs, layers: int | None = None):
+        d, f = config.hidden_size, config.intermediate_size
+        h, kv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        eps = config.rms_norm_eps
+
+        def param(shape, axes, **kw):
+            return _param(rngs, shape, axes, param_dtype, layers=layers, **kw)
+
+        def norm(dim, axis_name):
+            return RMSNorm(dim, eps, axis_name=axis_name, param_dtype=param_dtype, rngs=rngs, layers=layers)
+
+        self.input_layernorm = norm(d, "norm")
+        self.self_attn = nnx.Dict(
+            q_proj=param((d, h, hd), ("embed", "heads", "head_dim")),
+            k_proj=param((d, kv, hd), ("embed", "kv_heads", "head_dim")),
+            v_proj=param((d, kv, hd), ("embed", "kv_heads", "head_dim")),
+            o_proj=param((h, hd, d), ("heads", "head_dim", "embed")),
+        )
         if config.attention_bias:
-            self.q_bias = _param(rngs, (h, hd), ("heads", "head_dim"), param_dtype, zeros=True)
-            self.k_bias = _param(rngs, (kv, hd), ("kv_heads", "head_dim"), param_dtype, zeros=True)
-            self.v_bias = _param(rngs, (kv, hd), ("kv_heads", "head_dim"), param_dtype, zeros=True)
+            self.self_attn["q_bias"] = param((h, hd), ("heads", "head_dim"), zeros=True)
+            self.self_attn["k_bias"] = param((kv, hd), ("kv_heads", "head_dim"), zeros=True)
+            self.self_attn["v_bias"] = param((kv, hd), ("kv_heads", "head_dim"), zeros=True)
         if config.qk_norm:
-            self.q_norm = RMSNorm(hd, config.rms_norm_eps, axis_name="head_dim", param_dtype=param_dtype, rngs=rngs)
-            self.k_norm = RMSNorm(hd, config.rms_norm_eps, axis_name="head_dim", param_dtype=param_dtype, rngs=rngs)
+            self.self_attn["q_norm"] = norm(hd, "head_dim")
+            self.self_attn["k_norm"] = norm(hd, "head_dim")
+        self.post_attention_layernorm = norm(d, "norm")
+        self.mlp = nnx.Dict(gate_proj=param((d, f), ("embed", "mlp")), up_proj=param((d, f), ("embed", "mlp")),
+                            down_proj=param((f, d), ("mlp", "embed")))
         self.has_bias = config.attention_bias
         self.has_qk_norm = config.qk_norm
-        self.num_groups = h // kv
-        self.scale = hd**-0.5
         self.dtype = dtype
 
-    def project_qkv(self, x, cos, sin):
-        dt = self.dtype
-        q = jnp.einsum("btd,dnh->btnh", x, self.q_proj[...].astype(dt))
-        k = jnp.einsum("btd,dnh->btnh", x, self.k_proj[...].astype(dt))
-        v = jnp.einsum("btd,dnh->btnh", x, self.v_proj[...].astype(dt))
+    def qkv(self, x, cos, sin):
+        """x [B, T, D] (already normed) -> q [B, T, H, Dh], k and v [B, KV, T, Dh] (the cache layout)."""
+        dt, a = self.dtype, self.self_attn
+        q = jnp.einsum("btd,dnh->btnh", x, a["q_proj"][...].astype(dt))
+        k = jnp.einsum("btd,dnh->btnh", x, a["k_proj"][...].astype(dt))
+        v = jnp.einsum("btd,dnh->btnh", x, a["v_proj"][...].astype(dt))
         if self.has_bias:
-            q = q + self.q_bias[...].astype(dt)
-            k = k + self.k_bias[...].astype(dt)
-            v = v + self.v_bias[...].astype(dt)
+            q = q + a["q_bias"][...].astype(dt)
+            k = k + a["k_bias"][...].astype(dt)
+            v = v + a["v_bias"][...].astype(dt)
         if self.has_qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+            q, k = a["q_norm"](q), a["k_norm"](k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
-    def attend(self, q, k, v, mask):
-        """q [B,T,H,Dh], k/v [B,S,KV,Dh], mask [B,T,S] bool -> [B,T,D]."""
-        b, t, h, hd = q.shape
-        kv = k.shape[2]
-        q = q.reshape(b, t, kv, self.num_groups, hd)
-        scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * self.scale
-        scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, h, hd)
-        return jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(self.dtype))
-
-    def __call__(self, x, cos, sin, mask):
-        q, k, v = self.project_qkv(x, cos, sin)
-        return self.attend(q, k, v, mask)
-
-    def decode(self, x, cos, sin, mask, cache, cache_index):
-        q, k, v = self.project_qkv(x, cos, sin)
-        k_cache, v_cache = cache
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
-        out = self.attend(q, k_cache.astype(self.dtype), v_cache.astype(self.dtype), mask)
-        return out, (k_cache, v_cache)
+    def finish(self, x, attn):
+        """Residual stream after the attention output attn [B, T, H, Dh] and the MLP."""
+        dt, m = self.dtype, self.mlp
+        x = x + jnp.einsum("btnh,nhd->btd", attn, self.self_attn["o_proj"][...].astype(dt))
+        h = self.post_attention_layernorm(x)
+        gate = h @ m["gate_proj"][...].astype(dt)
+        up = h @ m["up_proj"][...].astype(dt)
+        return x + (jax.nn.silu(gate) * up) @ m["down_proj"][...].astype(dt)
 
 
-class MLP(nnx.Module):
-    def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        d, f = config.hidden_size, config.intermediate_size
-        self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), param_dtype)
-        self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), param_dtype)
-        self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), param_dtype)
-        self.dtype = dtype
+class KVCache(NamedTuple):
+    """Keys/values of every layer in the layout attention reads without a transpose, and per-row slot
+    metadata: slot s of row b holds a token iff valid[b, s], at RoPE position positions[b, s].
 
-    def __call__(self, x):
-        dt = self.dtype
-        gate = x @ self.gate_proj[...].astype(dt)
-        up = x @ self.up_proj[...].astype(dt)
-        return (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(dt)
+    k, v [L, B, KV, S, Dh]; positions [B, S] int32; valid [B, S] bool. Rows are independent: a row's
+    slots can be reset (valid False) and refilled without touching the others.
+    """
 
-
-class DecoderLayer(nnx.Module):
-    def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        eps = config.rms_norm_eps
-        self.input_layernorm = RMSNorm(config.hidden_size, eps, axis_name="norm", param_dtype=param_dtype, rngs=rngs)
-        self.self_attn = Attention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(
-            config.hidden_size, eps, axis_name="norm", param_dtype=param_dtype, rngs=rngs
-        )
-        self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-    def __call__(self, x, cos, sin, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-    def decode(self, x, cos, sin, mask, cache, cache_index):
-        attn, cache = self.self_attn.decode(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
-        x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), cache
+    k: jax.Array
+    v: jax.Array
+    positions: jax.Array
+    valid: jax.Array
 
 
 def default_positions(input_ids, attention_mask=None, segment_ids=None) -> jax.Array:
@@ -183,26 +178,26 @@ def default_positions(input_ids, attention_mask=None, segment_ids=None) -> jax.A
     return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
 
 
-def attention_mask_matrix(t: int, attention_mask=None, segment_ids=None) -> jax.Array:
-    """[B or 1, T, T] bool: causal, restricted to real keys and to the query's own segment."""
-    mask = jnp.tril(jnp.ones((t, t), bool))[None]
-    if attention_mask is not None:
-        mask = mask & attention_mask.astype(bool)[:, None, :]
-    if segment_ids is not None:
-        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
-    return mask
+def remat_policy(name: str):
+    if name not in REMAT_POLICIES or name == "none":
+        raise ValueError(f"remat policy {name!r} is unknown; choose one of {', '.join(REMAT_POLICIES[1:])}")
+    return getattr(jax.checkpoint_policies, name)
 
 
 class CausalLM(nnx.Module):
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    """attention: a backend of `undo_jax.models.attention` (auto | reference | chunked | xla | tpu);
+    scan_layers: run the stacked layers under lax.scan (True) or unrolled (False)."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 attention: str = "auto", scan_layers: bool = True):
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.param_dtype = jnp.dtype(param_dtype)
+        self.attention = check_backend(attention)
+        self.scan_layers = bool(scan_layers)
         self.embed_tokens = _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), param_dtype)
-        self.layers = nnx.List(
-            [DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-             for _ in range(config.num_hidden_layers)]
-        )
+        self.layers = DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                   layers=config.num_hidden_layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, axis_name="norm", param_dtype=param_dtype,
                             rngs=rngs)
         if not config.tie_word_embeddings:
@@ -211,17 +206,46 @@ class CausalLM(nnx.Module):
     def embed(self, input_ids):
         return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
 
-    def hidden_states(self, input_ids, *, attention_mask=None, positions=None, segment_ids=None, remat=False):
+    def _run_layers(self, body, carry, xs=None, *, remat: bool | str = False):
+        """carry, ys = scan of body(carry, layer, x) over the stacked layers (xs: per-layer inputs, [L, ...])."""
+        graphdef, state = nnx.split(self.layers)
+
+        def step(carry, inputs):
+            layer_state, x = inputs
+            return body(carry, nnx.merge(graphdef, layer_state), x)
+
+        if remat:
+            policy = remat_policy("nothing_saveable" if remat is True else remat)
+            # Unrolled layers need prevent_cse, or XLA merges the recomputation back into the forward pass.
+            step = jax.checkpoint(step, policy=policy, prevent_cse=not self.scan_layers)
+        if self.scan_layers:
+            return jax.lax.scan(step, carry, (state, xs))
+        ys = []
+        for i in range(self.config.num_hidden_layers):
+            carry, y = step(carry, jax.tree.map(lambda a, i=i: a[i], (state, xs)))
+            ys.append(y)
+        return carry, (None if ys[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *ys))
+
+    def _attend(self, q, k, v, **kw):
+        return attention(q, k, v, backend=self.attention, **kw)
+
+    def hidden_states(self, input_ids, *, attention_mask=None, positions=None, segment_ids=None,
+                      remat: bool | str = False):
+        """Final-norm hidden states [B, T, D]. remat: False, True (nothing_saveable) or a policy name."""
         if positions is None:
             positions = default_positions(input_ids, attention_mask, segment_ids)
+        valid = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask.astype(bool)
+        if segment_ids is not None:
+            valid = valid & (segment_ids > 0)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(self.config))
-        mask = attention_mask_matrix(input_ids.shape[1], attention_mask, segment_ids)
-        x = self.embed(input_ids)
-        for layer in self.layers:
-            if remat:
-                x = nnx.remat(lambda lyr, h: lyr(h, cos, sin, mask))(layer, x)
-            else:
-                x = layer(x, cos, sin, mask)
+
+        def body(x, layer, _):
+            q, k, v = layer.qkv(layer.input_layernorm(x), cos, sin)
+            out = self._attend(q, k, v, q_positions=positions, kv_positions=positions, kv_valid=valid,
+                               q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
+            return layer.finish(x, out), None
+
+        x, _ = self._run_layers(body, self.embed(input_ids), remat=remat if remat != "none" else False)
         return self.norm(x)
 
     def logits_from_hidden(self, h):
@@ -235,35 +259,72 @@ class CausalLM(nnx.Module):
         return self.logits_from_hidden(h)
 
     # ---- KV-cache decoding (used by undo_jax.sampling) ----
-    def init_cache(self, batch: int, max_len: int, dtype=None) -> list[tuple[jax.Array, jax.Array]]:
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         c = self.config
-        shape = (batch, max_len, c.num_key_value_heads, c.head_dim)
+        shape = (c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim)
         dt = dtype or self.dtype
-        return [(jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(c.num_hidden_layers)]
+        return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.zeros((batch, max_len), jnp.int32),
+                       jnp.zeros((batch, max_len), bool))
 
-    def decode_step(self, input_ids, positions, cache, cache_index, kv_valid):
+    def prefill_hidden(self, input_ids, positions, cache: KVCache, valid):
+        """Write prompts [B, P] (valid [B, P]: real tokens) into slots 0..P-1 of every row, marking every
+        later slot empty; -> (final-norm hidden states [B, P, D], cache).
+
+        The prompt attends only to itself, so this costs P x P, not P x S.
+        """
+        p, s = input_ids.shape[1], cache.valid.shape[1]
+        valid = valid.astype(bool)
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(self.config))
+
+        def body(x, layer, _):
+            q, k, v = layer.qkv(layer.input_layernorm(x), cos, sin)
+            out = self._attend(q, k, v, q_positions=positions, kv_positions=positions, kv_valid=valid)
+            return layer.finish(x, out), (k.astype(cache.k.dtype), v.astype(cache.v.dtype))
+
+        x, (k, v) = self._run_layers(body, self.embed(input_ids))
+        cache = KVCache(
+            jax.lax.dynamic_update_slice(cache.k, k, (0, 0, 0, 0, 0)),
+            jax.lax.dynamic_update_slice(cache.v, v, (0, 0, 0, 0, 0)),
+            jax.lax.dynamic_update_slice(cache.positions, positions.astype(jnp.int32), (0, 0)),
+            jnp.concatenate([valid, jnp.zeros((valid.shape[0], s - p), bool)], axis=1),
+        )
+        return self.norm(x), cache
+
+    def decode_step(self, input_ids, positions, cache: KVCache, cache_index):
         """Run T new tokens against the cache; they are written at slots cache_index..cache_index+T-1.
 
-        Query t attends slot s iff kv_valid[b, s] and s <= cache_index + t.
+        Query t attends slot s iff cache.valid[b, s] and cache.positions[b, s] <= positions[b, t].
         """
-        hidden, new_cache = self.decode_hidden(input_ids, positions, cache, cache_index, kv_valid)
+        hidden, new_cache = self.decode_hidden(input_ids, positions, cache, cache_index)
         return self.logits_from_hidden(hidden), new_cache
 
-    def decode_hidden(self, input_ids, positions, cache, cache_index, kv_valid):
+    def decode_hidden(self, input_ids, positions, cache: KVCache, cache_index):
         """`decode_step` without the vocabulary projection: (final-norm hidden states [B,T,D], cache).
 
-        A prefill needs only the last position's logits; projecting all of them would cost far more
-        than the rest of the step.
+        Attention visits only slots below cache_index + T (the chunked backend skips the empty tail).
         """
-        t = input_ids.shape[1]
-        s = cache[0][0].shape[1]
-        slots = jnp.arange(s)[None, :]
-        q_slots = cache_index + jnp.arange(t)[:, None]
-        mask = kv_valid[:, None, :] & (slots <= q_slots)[None]
+        b, t = input_ids.shape
+        positions = positions.astype(jnp.int32)
+        cache_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (0, cache_index))
+        cache_valid = jax.lax.dynamic_update_slice(cache.valid, jnp.ones((b, t), bool), (0, cache_index))
         cos, sin = rope_cos_sin(positions, rope_inv_freq(self.config))
-        x = self.embed(input_ids)
-        new_cache = []
-        for layer, layer_cache in zip(self.layers, cache, strict=True):
-            x, layer_cache = layer.decode(x, cos, sin, mask, layer_cache, cache_index)
-            new_cache.append(layer_cache)
-        return self.norm(x), new_cache
+
+        def body(carry, layer, index):
+            x, k_all, v_all = carry
+            q, k, v = layer.qkv(layer.input_layernorm(x), cos, sin)
+            at = (index, 0, 0, cache_index, 0)
+            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
+            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
+            out = self._attend(q, k_all, v_all, layer=index, q_positions=positions, kv_positions=cache_positions,
+                               kv_valid=cache_valid, kv_filled=cache_index + t)
+            return (layer.finish(x, out.astype(x.dtype)), k_all, v_all), None
+
+        layer_ids = jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32)
+        (x, k_all, v_all), _ = self._run_layers(body, (self.embed(input_ids), cache.k, cache.v), layer_ids)
+        return self.norm(x), KVCache(k_all, v_all, cache_positions, cache_valid)
+
+
+def set_attention(model: CausalLM, backend: str) -> CausalLM:
+    """Switch the attention backend of a built model in place (it is static: jitted callers recompile)."""
+    model.attention = check_backend(backend)
+    return model

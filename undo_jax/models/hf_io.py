@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from undo_jax.models import safetensors_io
+from undo_jax.models.attention import check_backend
 from undo_jax.models.config import ModelConfig
-from undo_jax.models.decoder import CausalLM
+from undo_jax.models.decoder import CausalLM, set_attention
 from undo_jax.models.weights import assemble, export_tensors
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "fp32": jnp.float32, "bf16": jnp.bfloat16,
@@ -53,12 +54,19 @@ def resolve_source(source: str | os.PathLike) -> str:
     raise FileNotFoundError(f"{source}: no such file or directory")
 
 
-def load_pretrained(source, *, dtype="float32", param_dtype=None, mesh=None, rules=None) -> CausalLM:
+def load_pretrained(source, *, dtype="float32", param_dtype=None, mesh=None, rules=None,
+                    attention: str = "auto") -> CausalLM:
     """Load a student model from a HF directory, a .gguf file or (online) a hub id.
 
     `dtype` is the compute dtype; `param_dtype` defaults to it. With `mesh`, each tensor is put
-    straight onto its sharded placement (rules: `undo_jax.sharding`).
+    straight onto its sharded placement (rules: `undo_jax.sharding`). `attention`: the backend
+    (`undo_jax.models.attention.BACKENDS`).
     """
+    check_backend(attention)
+    return set_attention(_load(source, dtype, param_dtype, mesh, rules), attention)
+
+
+def _load(source, dtype, param_dtype, mesh, rules) -> CausalLM:
     path = resolve_source(source)
     compute = as_dtype(dtype)
     params = as_dtype(param_dtype) or compute

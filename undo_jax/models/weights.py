@@ -1,13 +1,15 @@
 """The map between our parameter tree and Hugging Face tensor names, and model assembly.
 
 Our layout keeps heads as their own axes (q_proj [embed, heads, head_dim]) so sharding rules can
-name them; HF stores torch Linear weights as [out, in]. Each entry below says how to convert a
-HF tensor to ours and back.
+name them, and stacks the decoder layers ([L, ...] under `layers/`); HF stores torch Linear
+weights as [out, in], one tensor per layer. Each entry below says how to convert one HF tensor to
+its slice of ours and back.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator
 
 import jax
@@ -23,9 +25,10 @@ from undo_jax.models.decoder import CausalLM
 class TensorSpec:
     path: tuple  # path in nnx.state(model)
     hf_name: str
-    shape: tuple[int, ...]  # our shape
+    shape: tuple[int, ...]  # our shape (of one layer's slice for stacked parameters)
     to_ours: Callable[[np.ndarray], np.ndarray]
     to_hf: Callable[[np.ndarray], np.ndarray]
+    layer: int | None = None  # index into the stacked [L, ...] parameter at `path`
 
 
 def _identity(x):
@@ -47,12 +50,19 @@ def _reshape(shape, flat):
 
 
 def tensor_specs(config: ModelConfig) -> Iterator[TensorSpec]:
+    for spec in _specs(config):
+        if spec.path[0] == "layers":
+            spec = dataclasses.replace(spec, layer=int(spec.hf_name.split(".")[2]))
+        yield spec
+
+
+def _specs(config: ModelConfig) -> Iterator[TensorSpec]:
     c = config
     d, f, h, kv, hd, v = (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads,
                           c.head_dim, c.vocab_size)
     yield TensorSpec(("embed_tokens",), "model.embed_tokens.weight", (v, d), _identity, _identity)
     for i in range(c.num_hidden_layers):
-        p, n = ("layers", i), f"model.layers.{i}."
+        p, n = ("layers",), f"model.layers.{i}."
         for proj, heads in (("q_proj", h), ("k_proj", kv), ("v_proj", kv)):
             shape = (d, heads, hd)
             yield TensorSpec((*p, "self_attn", proj), n + f"self_attn.{proj}.weight", shape, *_linear(shape))
@@ -73,6 +83,23 @@ def tensor_specs(config: ModelConfig) -> Iterator[TensorSpec]:
     yield TensorSpec(("norm", "weight"), "model.norm.weight", (d,), _identity, _identity)
     if not c.tie_word_embeddings:
         yield TensorSpec(("lm_head",), "lm_head.weight", (d, v), lambda w: w.T, lambda w: w.T)
+
+
+def _zeros(shape, dtype, sharding):
+    if sharding is None:
+        return jnp.zeros(shape, dtype)
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+
+
+def _layer_sharding(stack_sharding):
+    """The sharding of one [L, ...] stack's layer: the stack's spec without its leading `layers` entry."""
+    spec = tuple(stack_sharding.spec)
+    return jax.sharding.NamedSharding(stack_sharding.mesh, jax.sharding.PartitionSpec(*spec[1:]))
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stack, layer, index):
+    return jax.lax.dynamic_update_index_in_dim(stack, layer.astype(stack.dtype), index, 0)
 
 
 class WeightsError(ValueError):
@@ -110,11 +137,14 @@ def assemble(
         shardings = nnx.to_flat_state(param_shardings(model, mesh, rules))
         # param_shardings keeps the state's Variables (each holding its NamedSharding): unwrap them.
         shardings = {path: s.get_value() if isinstance(s, nnx.Variable) else s for path, s in shardings}
-    specs = list(tensor_specs(config))
+    # One stacked parameter at a time (all its layers together), so the host holds at most one stack.
+    specs = sorted(tensor_specs(config), key=lambda s: (s.layer is not None, s.path, s.layer or 0))
     expected = {s.hf_name for s in specs}
     problems = [f"missing tensor {name}" for name in sorted(expected - available)]
     problems += [f"unexpected tensor {name}" for name in sorted(available - expected) if not ignore(name)]
     values = {}
+    stacks: dict[tuple, jax.Array] = {}  # stacked params being filled on their devices, one layer at a time
+    num_layers = config.num_hidden_layers
     for spec in specs:
         if spec.hf_name not in available:
             continue
@@ -131,6 +161,17 @@ def assemble(
         if problems:
             continue  # keep validating, stop converting
         arr = np.asarray(arr).astype(jnp.dtype(param_dtype))
+        if spec.layer is not None:
+            # Written into the placed stack in place (donated): the host holds one layer's tensor at a time.
+            sharding = None if shardings is None else shardings[spec.path]
+            if spec.path not in stacks:
+                stacks[spec.path] = _zeros((num_layers, *spec.shape), arr.dtype, sharding)
+            layer = arr if sharding is None else jax.device_put(arr, _layer_sharding(sharding))
+            stacks[spec.path] = _set_layer(stacks[spec.path], layer, spec.layer)
+            del arr, raw, layer
+            if spec.layer == num_layers - 1:
+                values[spec.path] = stacks.pop(spec.path)
+            continue
         if shardings is not None:
             values[spec.path] = jax.device_put(arr, shardings[spec.path])
         else:
@@ -149,7 +190,8 @@ def export_tensors(model: CausalLM, *, dtype=None) -> Iterator[tuple[str, np.nda
     """Yield (hf_name, host array) one tensor at a time (gathered from any sharding)."""
     state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     for spec in tensor_specs(model.config):
-        arr = np.asarray(jax.device_get(state[spec.path][...]))
+        value = state[spec.path][...]
+        arr = np.asarray(jax.device_get(value if spec.layer is None else value[spec.layer]))
         if dtype is not None:
             arr = arr.astype(dtype)
         yield spec.hf_name, np.ascontiguousarray(spec.to_hf(arr))

@@ -1,13 +1,14 @@
 """Jitted cores of the sampler: one prefill and one on-device decode loop over a preallocated KV cache.
 
 Layout of a batch (B rows, prompt bucket P, N new tokens, cache length S = P + N):
-- prompts are left padded to P and written to cache slots 0..P-1 (`kv_valid` marks real tokens);
+- prompts are left padded to P and written to cache slots 0..P-1 (`prompt_mask` marks real tokens);
 - generated token j of a row sits at cache slot P + j and has RoPE position len(prompt) + j;
 - the decode loop is a `lax.while_loop` that stops as soon as every row has finished.
 
-The cache is donated to both functions and returned, so one buffer serves every batch of the same
-shape. Stale entries from an earlier batch are harmless: prompt slots are overwritten by the
-prefill, padding slots are masked by `kv_valid`, and slot P + j is written before any query reads it.
+The cache (`undo_jax.models.decoder.KVCache`) is donated to both functions and returned, so one
+buffer serves every batch of the same shape. Stale entries from an earlier batch are harmless: the
+prefill marks every slot past the prompt empty (`cache.valid`), and a decode step marks the slot it
+writes valid before any query reads it.
 """
 
 from __future__ import annotations
@@ -40,11 +41,14 @@ class DecodeSettings:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def prefill(graphdef, state, cache, input_ids, positions, kv_valid):
-    """-> (logits of the last prompt position [B, V] float32, cache with the prompts written)."""
+def prefill(graphdef, state, cache, input_ids, positions, prompt_mask):
+    """-> (logits of the last prompt position [B, V] float32, cache with the prompts written).
+
+    input_ids, positions [B, P] int32; prompt_mask [B, P] bool (False: left padding).
+    """
     model = nnx.merge(graphdef, state)
     # Project only the last position onto the vocabulary (XLA does not push the slice through the matmul).
-    hidden, cache = model.decode_hidden(input_ids, positions, cache, 0, kv_valid)
+    hidden, cache = model.prefill_hidden(input_ids, positions, cache, prompt_mask)
     return model.logits_from_hidden(hidden[:, -1]), cache
 
 
@@ -55,12 +59,12 @@ def _stop_hits(window, stop_table):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "settings"), donate_argnames=("cache",))
-def decode(graphdef, state, cache, first_logits, prompt_lengths, kv_valid, active, base_key, row_ids, end_ids,
+def decode(graphdef, state, cache, first_logits, prompt_lengths, active, base_key, row_ids, end_ids,
            stop_table, *, settings: DecodeSettings):
     """Sample up to N tokens per row on the device.
 
     first_logits [B, V] (from `prefill`), prompt_lengths [B] int32 (real tokens per row),
-    kv_valid [B, S] bool, active [B] bool (False: batch padding, finished from the start),
+    active [B] bool (False: batch padding, finished from the start),
     base_key: a typed PRNG key, row_ids [B, 2] int32 (prompt index, sample index): row r draws from
     fold_in(fold_in(base_key, prompt), sample), end_ids [E] int32 (padded with -1), stop_table [K, L] int32.
     Returns (tokens [B, N] int32, lengths [B] int32, finish [B] int32 FINISH_*, cache).
@@ -95,7 +99,7 @@ def decode(graphdef, state, cache, first_logits, prompt_lengths, kv_valid, activ
     def body(carry):
         i, tok, cache, tokens, done, lengths, finish, window = carry
         positions = (prompt_lengths + i - 1)[:, None]
-        logits, cache = model.decode_step(tok[:, None], positions, cache, p + i - 1, kv_valid)
+        logits, cache = model.decode_step(tok[:, None], positions, cache, p + i - 1)
         tok = choose_tokens(logits[:, 0], row_keys, i, settings.sampling)
         tokens, window, done, lengths, finish = emit(i, tok, tokens, window, done, lengths, finish)
         return i + 1, tok, cache, tokens, done, lengths, finish, window

@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from undo_jax.chat import is_messages, render_prompt
+from undo_jax.models.decoder import KVCache
 from undo_jax.sampling import engine
 from undo_jax.sampling.memory import check_fits
 from undo_jax.sampling.sample import SamplingSettings
@@ -180,7 +181,9 @@ class _Placement:
         self.batch = NamedSharding(mesh, PartitionSpec(batch_spec))
         tensor = mesh.shape.get("tensor", 1)
         heads = "tensor" if tensor > 1 and config.num_key_value_heads % tensor == 0 else None
-        self.cache = NamedSharding(mesh, PartitionSpec(batch_spec, None, heads, None))
+        kv = NamedSharding(mesh, PartitionSpec(None, batch_spec, heads, None, None))
+        rows = NamedSharding(mesh, PartitionSpec(batch_spec, None))
+        self.cache = KVCache(kv, kv, rows, rows)
         self.replicated = NamedSharding(mesh, PartitionSpec())
 
     def params(self, state):
@@ -296,16 +299,14 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int, temperature: flo
                 real_lengths[j] = len(ids)
             prompt_mask[~active, -1] = True  # batch padding: one dummy token, never reported
             positions = np.maximum(np.cumsum(prompt_mask, axis=1, dtype=np.int32) - 1, 0)
-            kv_valid = np.concatenate([prompt_mask, np.ones((b, max_new_tokens), bool)], axis=1)
             if cache_shape != (b, p):
                 cache = None  # free the old buffer before allocating the new one
                 cache, cache_shape = place.new_cache(model, b, p + max_new_tokens), (b, p)
-            kv_valid = place.rows(kv_valid)
             first_logits, cache = engine.prefill(graphdef, state, cache, place.rows(input_ids),
-                                                 place.rows(positions), kv_valid)
+                                                 place.rows(positions), place.rows(prompt_mask))
             settings = engine.DecodeSettings(max_new_tokens, p, sampling, stop_at_end=not ignore_eos)
             tokens, out_lengths, finish, cache = engine.decode(
-                graphdef, state, cache, first_logits, place.rows(real_lengths), kv_valid, place.rows(active),
+                graphdef, state, cache, first_logits, place.rows(real_lengths), place.rows(active),
                 base_key, place.rows(row_ids), end_table, stop_table, settings=settings,
             )
             if pending is not None:  # turn the previous batch into text while this one runs

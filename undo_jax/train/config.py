@@ -10,6 +10,8 @@ from undo_jax.configtree import check_fields, setting
 SCHEDULES = ("cosine", "linear", "constant")
 KD_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# jax.checkpoint_policies names (undo_jax.models.decoder.REMAT_POLICIES without "none"; a test keeps them equal).
+REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +48,8 @@ class TrainConfig:
     seed: int = setting(0, "Seed of training (data order).")
     remat: bool = setting(False, "Recompute each decoder layer in the backward pass (less memory, ~1/3 more "
                                  "compute).")
+    remat_policy: str = setting("nothing_saveable", "With --remat: what each layer keeps for the backward pass "
+                                                    "(a jax.checkpoint_policies name).", choices=REMAT_POLICIES)
     compute_dtype: str = setting("float32", "Training compute dtype (params and optimizer state stay float32).",
                                  choices=COMPUTE_DTYPES)
     packing: bool = setting(True, "Pack several examples per row (segment ids keep them apart); else pad per "

@@ -143,7 +143,7 @@ def combine(ce, kd, settings: DistillSettings):
 
 
 def distill_loss_sum(model, batch: dict[str, jax.Array], teacher: dict[str, jax.Array], settings: DistillSettings,
-                     *, remat: bool = False, chunk: int = 0) -> tuple[jax.Array, dict[str, jax.Array]]:
+                     *, remat: bool | str = False, chunk: int = 0) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(sum of the masked per-token loss, {"count", "ce_sum", "kd_sum"}) for one micro-batch.
 
     teacher: {"top_logp" [R, T, k], "top_ids" [R, T, k], "log_tail" [R, T]} aligned with batch["targets"]

@@ -33,9 +33,12 @@ def token_nll_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax
     return jnp.sum((log_z - target_logit) * mask)
 
 
-def completion_loss_sum(model, batch: dict[str, jax.Array], *, remat: bool = False, chunk: int = 0
+def completion_loss_sum(model, batch: dict[str, jax.Array], *, remat: bool | str = False, chunk: int = 0
                         ) -> tuple[jax.Array, jax.Array]:
-    """(sum of completion-token NLL, number of completion tokens) for one micro-batch."""
+    """(sum of completion-token NLL, number of completion tokens) for one micro-batch.
+
+    remat: False, or a `jax.checkpoint_policies` name applied to every decoder layer (True: nothing_saveable).
+    """
     hidden = model.hidden_states(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"],
                                  remat=remat)
     mask = batch["loss_mask"].astype(jnp.float32)
@@ -114,14 +117,15 @@ def make_step_functions(graphdef, tx: optax.GradientTransformation, schedule, co
     def grads_of(params, batch):
         def loss_fn(p):
             model = nnx.merge(graphdef, p)
+            remat = config.remat and config.remat_policy  # False, or the policy name
             if "top_ids" in batch:  # logit distillation: CE on the rationale plus the teacher divergence
                 from undo_jax.train.distill_loss import distill_loss_sum
 
                 teacher = {k: batch[k] for k in TEACHER_KEYS}
-                total, parts = distill_loss_sum(model, batch, teacher, config.distill_settings(), remat=config.remat,
+                total, parts = distill_loss_sum(model, batch, teacher, config.distill_settings(), remat=remat,
                                                 chunk=config.loss_chunk)
                 return total, parts["count"]
-            total, count = completion_loss_sum(model, batch, remat=config.remat, chunk=config.loss_chunk)
+            total, count = completion_loss_sum(model, batch, remat=remat, chunk=config.loss_chunk)
             return total, count
 
         (loss_sum, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)

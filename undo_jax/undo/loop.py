@@ -205,7 +205,8 @@ class UndoRun:
 
     # ----- student stages ----------------------------------------------------------------------------------
     def base_model(self):
-        return load_model(self.cfg.student.source, param_dtype=self.cfg.student.param_dtype, mesh=self.mesh)
+        return load_model(self.cfg.student.source, param_dtype=self.cfg.student.param_dtype, mesh=self.mesh,
+                          attention=self.cfg.student.attention)
 
     def model_of(self, k: int):
         """The student after iteration k (0 = base), reusing the one in memory when it matches."""
@@ -272,7 +273,8 @@ class UndoRun:
         store = self.logit_store()
         source = self.logit_teacher_source()
         student_config = self.model_of(self.starts_from(k)).config
-        teacher, teacher_tok = load_student(source, param_dtype=self.cfg.student.param_dtype, mesh=self.mesh)
+        teacher, teacher_tok = load_student(source, param_dtype=self.cfg.student.param_dtype, mesh=self.mesh,
+                                            attention=self.cfg.student.attention)
         try:
             check_same_vocabulary(source, teacher.config, teacher_tok, self.cfg.student.source, student_config,
                                   self.tokenizer)

@@ -36,14 +36,14 @@ def run_base_student(run_root: Path) -> str:
     return str(identity["student"])
 
 
-def load_model(source: str, *, param_dtype: str = "float32", mesh=None):
+def load_model(source: str, *, param_dtype: str = "float32", mesh=None, attention: str = "auto"):
     """A CausalLM from a student source (not a run iteration)."""
     from undo_jax.models import load_pretrained
 
     resolved = resolve_student(source)
     try:
         # With a mesh each tensor goes straight to its sharded placement (never the whole model twice on host).
-        return load_pretrained(resolved, dtype=param_dtype, mesh=mesh)
+        return load_pretrained(resolved, dtype=param_dtype, mesh=mesh, attention=attention)
     except (OSError, ValueError, KeyError) as e:
         raise StudentError(f"{source}: cannot load the student ({type(e).__name__}: {one_line(e)})") from None
 
@@ -70,14 +70,14 @@ def restore_into(model, checkpoint_dir: str | os.PathLike):
                            f"{one_line(e)})") from None
 
 
-def load_student(source: str, *, param_dtype: str = "float32", mesh=None):
+def load_student(source: str, *, param_dtype: str = "float32", mesh=None, attention: str = "auto"):
     """(model, tokenizer) for any student source, including RUN/iter_K."""
     run = run_iteration_dir(source)
     if run is None:
-        return load_model(source, param_dtype=param_dtype, mesh=mesh), load_tokenizer(source)
+        return load_model(source, param_dtype=param_dtype, mesh=mesh, attention=attention), load_tokenizer(source)
     root, k = run
     base = run_base_student(root)
-    model = load_model(base, param_dtype=param_dtype, mesh=mesh)
+    model = load_model(base, param_dtype=param_dtype, mesh=mesh, attention=attention)
     if k > 0:
         restore_into(model, root / f"iter_{k}" / "checkpoint")
     return model, load_tokenizer(base)
