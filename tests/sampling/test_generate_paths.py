@@ -48,8 +48,12 @@ def test_plain_text_prompts_without_a_chat_template(model, plain_tokenizer, ques
     for prompt, (c,) in zip(prompts, out, strict=True):
         ids = plain_tokenizer(prompt, add_special_tokens=False)["input_ids"]
         assert list(c.token_ids) == greedy_reference(model, ids, 6)  # the raw text, no template around it
-    with pytest.raises(ValueError, match=r"prompts\[1\] is a message list but the tokenizer has no chat_template"):
-        generate(model, plain_tokenizer, ["text", [{"role": "user", "content": "hi"}]], max_new_tokens=2)
+    # A message list without a template is rendered as the trainer renders it (undo_jax.chat: the contents joined by
+    # newlines, then a newline), so the student is asked exactly what it was trained on.
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": prompts[0]}]
+    (chat,) = generate(model, plain_tokenizer, [messages], max_new_tokens=6, ignore_eos=True)[0]
+    ids = plain_tokenizer(f"Be brief.\n{prompts[0]}\n", add_special_tokens=False)["input_ids"]
+    assert list(chat.token_ids) == greedy_reference(model, ids, 6)
 
 
 def test_one_stop_string_as_str_and_several_stop_strings(model, toy_tokenizer, questions):
@@ -81,12 +85,12 @@ def _decode_inputs(model, rows: list[list[int]], n: int):
     for i, row in enumerate(rows):
         input_ids[i, p - len(row):], mask[i, p - len(row):] = row, True
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
-    kv_valid = np.concatenate([mask, np.ones((b, n), bool)], axis=1)
     graphdef, state = nnx.split(model)
-    logits, cache = engine.prefill(graphdef, state, model.init_cache(b, p + n), input_ids, positions, kv_valid)
+    # The prompt mask marks the real (non-padding) prompt slots; the cache tracks which later slots are filled.
+    logits, cache = engine.prefill(graphdef, state, model.init_cache(b, p + n), input_ids, positions, mask)
     lengths = np.asarray([len(r) for r in rows], np.int32)
     row_ids = np.stack([np.arange(b), np.zeros(b)], axis=1).astype(np.int32)
-    return graphdef, state, cache, logits, lengths, kv_valid, p, row_ids
+    return graphdef, state, cache, logits, lengths, p, row_ids
 
 
 def test_engine_decode_greedy_equals_full_forward_and_reports_finish(model, toy_tokenizer, questions):
@@ -97,11 +101,11 @@ def test_engine_decode_greedy_equals_full_forward_and_reports_finish(model, toy_
     no_stops = np.full((1, 1), -3, np.int32)  # matches no token (generate's unused-row filler)
 
     def run(end_ids, stop_table, active=(True, True, True)):
-        graphdef, state, cache, logits, lengths, kv_valid, p, row_ids = _decode_inputs(model, rows, n)
+        graphdef, state, cache, logits, lengths, p, row_ids = _decode_inputs(model, rows, n)
         settings = engine.DecodeSettings(n, p, SamplingSettings())
-        tokens, out_len, finish, _ = engine.decode(graphdef, state, cache, logits, lengths, kv_valid,
-                                                   np.asarray(active), jax.random.key(0), row_ids, end_ids,
-                                                   stop_table, settings=settings)
+        tokens, out_len, finish, _ = engine.decode(graphdef, state, cache, logits, lengths, np.asarray(active),
+                                                   jax.random.key(0), row_ids, end_ids, stop_table,
+                                                   settings=settings)
         return np.asarray(tokens), np.asarray(out_len), np.asarray(finish)
 
     tokens, out_len, finish = run(none, no_stops)
