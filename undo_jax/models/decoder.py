@@ -301,22 +301,40 @@ class CausalLM(nnx.Module):
     def decode_hidden(self, input_ids, positions, cache: KVCache, cache_index):
         """`decode_step` without the vocabulary projection: (final-norm hidden states [B,T,D], cache).
 
-        Attention visits only slots below cache_index + T (the chunked backend skips the empty tail).
+        cache_index: a scalar (every row writes slots cache_index..cache_index+T-1), or an int32 [B]
+        vector of per-row slots for T = 1 (continuous batching: each row has its own fill level).
+        Attention visits only slots below the highest written slot + 1 (the chunked backend skips the
+        empty tail).
         """
         b, t = input_ids.shape
         positions = positions.astype(jnp.int32)
-        cache_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (0, cache_index))
-        cache_valid = jax.lax.dynamic_update_slice(cache.valid, jnp.ones((b, t), bool), (0, cache_index))
+        per_row = jnp.ndim(cache_index) == 1
+        if per_row:
+            if t != 1:
+                raise ValueError(f"decode_hidden: per-row cache indices take one new token per row, got {t}")
+            rows = jnp.arange(b)
+            cache_index = cache_index.astype(jnp.int32)
+            cache_positions = cache.positions.at[rows, cache_index].set(positions[:, 0])
+            cache_valid = cache.valid.at[rows, cache_index].set(True)
+            filled = jnp.max(cache_index) + 1
+        else:
+            cache_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (0, cache_index))
+            cache_valid = jax.lax.dynamic_update_slice(cache.valid, jnp.ones((b, t), bool), (0, cache_index))
+            filled = cache_index + t
         cos, sin = rope_cos_sin(positions, rope_inv_freq(self.config))
 
         def body(carry, layer, index):
             x, k_all, v_all = carry
             q, k, v = layer.qkv(layer.input_layernorm(x), cos, sin)
-            at = (index, 0, 0, cache_index, 0)
-            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
-            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
+            if per_row:  # k, v [B, KV, 1, Dh] -> slot cache_index[b] of row b
+                k_all = k_all.at[index, rows, :, cache_index].set(k[:, :, 0].astype(k_all.dtype))
+                v_all = v_all.at[index, rows, :, cache_index].set(v[:, :, 0].astype(v_all.dtype))
+            else:
+                at = (index, 0, 0, cache_index, 0)
+                k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
+                v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
             out = self._attend(q, k_all, v_all, layer=index, q_positions=positions, kv_positions=cache_positions,
-                               kv_valid=cache_valid, kv_filled=cache_index + t)
+                               kv_valid=cache_valid, kv_filled=filled)
             return (layer.finish(x, out.astype(x.dtype)), k_all, v_all), None
 
         layer_ids = jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32)

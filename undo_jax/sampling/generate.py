@@ -22,13 +22,17 @@ from tqdm.auto import tqdm
 
 from undo_jax.chat import is_messages, render_prompt
 from undo_jax.models.decoder import KVCache
-from undo_jax.sampling import engine
+from undo_jax.sampling import continuous, engine
+from undo_jax.sampling import engine as static_engine
 from undo_jax.sampling.memory import check_fits
 from undo_jax.sampling.sample import SamplingSettings
 
-__all__ = ["DEFAULT_BATCH_SIZE", "Completion", "end_token_ids", "generate", "prompt_bucket", "render_prompts"]
+__all__ = ["DEFAULT_BATCH_SIZE", "ENGINES", "Completion", "end_token_ids", "generate", "prompt_bucket",
+           "render_prompts"]
 
 DEFAULT_BATCH_SIZE = 32
+# "static": each batch runs until its longest row ends; "continuous": finished slots are refilled.
+ENGINES = ("static", "continuous")
 # The batch dimension is split over these mesh axes (the same as the trainer's batches).
 BATCH_AXES = ("data", "fsdp")
 # Special tokens that end a turn or a document in the supported families; any present in the
@@ -217,6 +221,12 @@ class _Placement:
             return np.asarray(multihost_utils.process_allgather(array, tiled=True))
         return np.asarray(array)
 
+    def slot_state(self, slots):
+        """Continuous-batching slot state, split over the batch axes like the cache rows."""
+        if self.mesh is None:
+            return slots
+        return jax.jit(lambda s: s, out_shardings=self.batch)(slots)
+
     def new_cache(self, model, batch: int, length: int):
         if self.mesh is None:
             return model.init_cache(batch, length)
@@ -226,7 +236,9 @@ class _Placement:
 def generate(model, tokenizer, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, num_samples: int = 1, stop: Sequence[str] = (), seed: int = 0,
              batch_size: int | None = None, mesh: Mesh | None = None, progress: bool = False,
-             ignore_eos: bool = False) -> list[list[Completion]]:
+             ignore_eos: bool = False, engine: str = "static",
+             steps_per_refill: int = continuous.DEFAULT_STEPS_PER_REFILL,
+             stats: dict | None = None) -> list[list[Completion]]:
     """Generate `num_samples` completions for each prompt; returns one list per prompt, in input order.
 
     prompts: strings (tokenized as given) or chat message lists (rendered with the tokenizer's chat
@@ -236,7 +248,15 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int, temperature: flo
     batch_size: rows (prompt x sample) per device batch (default DEFAULT_BATCH_SIZE).
     mesh: split every batch over the mesh's data axes; raises CacheSizeError before allocating when
     a batch cannot fit.
+    engine: "static" (batches of length-sorted rows, each run until its longest row ends) or
+    "continuous" (batch_size decode slots refilled with waiting rows every `steps_per_refill` steps).
+    Both return the same completions (greedy: token for token, up to float rounding near ties).
+    stats: if a dict, filled with {"engine", "slot_steps", "live_slot_steps", "occupancy", "device_calls"}.
     """
+    if engine not in ENGINES:
+        raise ValueError(f"generate: engine {engine!r} is unknown; choose one of {', '.join(ENGINES)}")
+    if not isinstance(steps_per_refill, int | np.integer) or steps_per_refill < 1:
+        raise ValueError(f"steps_per_refill must be a positive integer, got {steps_per_refill!r}")
     if not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if not isinstance(num_samples, int | np.integer) or num_samples < 1:
@@ -262,61 +282,86 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int, temperature: flo
     lengths = [len(prompt_ids[p]) for p, _ in rows]
 
     place = _Placement(mesh, config)
-    batches = _plan_batches(lengths, batch_size or DEFAULT_BATCH_SIZE, place.shards)
-    for shape in sorted({(b.size, b.prompt_len) for b in batches}, reverse=True):
-        check_fits(config, batch=shape[0], prompt_len=shape[1], max_new_tokens=max_new_tokens, dtype=model.dtype,
-                   devices=place.devices)
-
-    graphdef, state = nnx.split(model)
-    state = place.params(state)
     ends = end_token_ids(tokenizer, config)
     end_table = np.full(_next_power_of_two(max(len(ends), 4)), -1, np.int32)
     end_table[: len(ends)] = ends
     end_table, stop_table = place.whole(end_table), place.whole(_stop_table(tokenizer, stop))
     base_key = place.key(seed)
     results: list[Completion | None] = [None] * len(rows)
-    cache, cache_shape, pending = None, None, None
+    figures = {"slot_steps": 0, "live_slot_steps": 0, "device_calls": 0}
+    if engine == "continuous":
+        slots = math.ceil(min(batch_size or DEFAULT_BATCH_SIZE, _next_power_of_two(len(rows))) / place.shards)
+        slots *= place.shards
+        longest = max(prompt_bucket(n) for n in lengths)
+        check_fits(config, batch=slots, prompt_len=longest, max_new_tokens=max_new_tokens, dtype=model.dtype,
+                   devices=place.devices)
+        with tqdm(total=len(rows), desc="generate", disable=not progress, unit="row") as bar:
+            def done(r, ids, code):
+                results[r] = _completion(tokenizer, ids, code, stop)
+                bar.update(1)
 
-    def collect(batch, tokens, out_lengths, finish):
-        tokens, out_lengths, finish = place.host(tokens), place.host(out_lengths), place.host(finish)
-        for j, r in enumerate(batch.rows):
-            results[r] = _completion(tokenizer, tokens[j, : out_lengths[j]], int(finish[j]), stop)
+            figures = continuous.run(model, place, prompt_ids, rows, slots=slots, max_new_tokens=max_new_tokens,
+                                     sampling=sampling, end_table=end_table, stop_table=stop_table, base_key=base_key,
+                                     stop_at_end=not ignore_eos, steps=int(steps_per_refill), on_done=done,
+                                     bucket=prompt_bucket)
+    else:
+        batches = _plan_batches(lengths, batch_size or DEFAULT_BATCH_SIZE, place.shards)
+        for shape in sorted({(b.size, b.prompt_len) for b in batches}, reverse=True):
+            check_fits(config, batch=shape[0], prompt_len=shape[1], max_new_tokens=max_new_tokens, dtype=model.dtype,
+                       devices=place.devices)
 
-    with tqdm(total=len(rows), desc="generate", disable=not progress, unit="row") as bar:
-        for batch in batches:
-            b, p = batch.size, batch.prompt_len
-            input_ids = np.zeros((b, p), np.int32)
-            prompt_mask = np.zeros((b, p), bool)
-            row_ids = np.zeros((b, 2), np.int32)
-            active = np.zeros(b, bool)
-            real_lengths = np.ones(b, np.int32)
+        graphdef, state = nnx.split(model)
+        state = place.params(state)
+        cache, cache_shape, pending = None, None, None
+
+        def collect(batch, tokens, out_lengths, finish):
+            tokens, out_lengths, finish = place.host(tokens), place.host(out_lengths), place.host(finish)
+            used = out_lengths[: len(batch.rows)]
+            # Decode steps only (each row's first token comes from the prefill): every slot of a static batch
+            # runs until its longest row ends.
+            figures["slot_steps"] += batch.size * (int(used.max()) - 1)
+            figures["live_slot_steps"] += int((used - 1).sum())
+            figures["device_calls"] += 2
             for j, r in enumerate(batch.rows):
-                ids = prompt_ids[rows[r][0]]
-                input_ids[j, p - len(ids) :] = ids
-                prompt_mask[j, p - len(ids) :] = True
-                row_ids[j] = rows[r]
-                active[j] = True
-                real_lengths[j] = len(ids)
-            prompt_mask[~active, -1] = True  # batch padding: one dummy token, never reported
-            positions = np.maximum(np.cumsum(prompt_mask, axis=1, dtype=np.int32) - 1, 0)
-            if cache_shape != (b, p):
-                cache = None  # free the old buffer before allocating the new one
-                cache, cache_shape = place.new_cache(model, b, p + max_new_tokens), (b, p)
-            first_logits, cache = engine.prefill(graphdef, state, cache, place.rows(input_ids),
-                                                 place.rows(positions), place.rows(prompt_mask))
-            settings = engine.DecodeSettings(max_new_tokens, p, sampling, stop_at_end=not ignore_eos)
-            tokens, out_lengths, finish, cache = engine.decode(
-                graphdef, state, cache, first_logits, place.rows(real_lengths), place.rows(active),
-                base_key, place.rows(row_ids), end_table, stop_table, settings=settings,
-            )
-            if pending is not None:  # turn the previous batch into text while this one runs
+                results[r] = _completion(tokenizer, tokens[j, : out_lengths[j]], int(finish[j]), stop)
+
+        with tqdm(total=len(rows), desc="generate", disable=not progress, unit="row") as bar:
+            for batch in batches:
+                b, p = batch.size, batch.prompt_len
+                input_ids = np.zeros((b, p), np.int32)
+                prompt_mask = np.zeros((b, p), bool)
+                row_ids = np.zeros((b, 2), np.int32)
+                active = np.zeros(b, bool)
+                real_lengths = np.ones(b, np.int32)
+                for j, r in enumerate(batch.rows):
+                    ids = prompt_ids[rows[r][0]]
+                    input_ids[j, p - len(ids) :] = ids
+                    prompt_mask[j, p - len(ids) :] = True
+                    row_ids[j] = rows[r]
+                    active[j] = True
+                    real_lengths[j] = len(ids)
+                prompt_mask[~active, -1] = True  # batch padding: one dummy token, never reported
+                positions = np.maximum(np.cumsum(prompt_mask, axis=1, dtype=np.int32) - 1, 0)
+                if cache_shape != (b, p):
+                    cache = None  # free the old buffer before allocating the new one
+                    cache, cache_shape = place.new_cache(model, b, p + max_new_tokens), (b, p)
+                first_logits, cache = static_engine.prefill(graphdef, state, cache, place.rows(input_ids),
+                                                     place.rows(positions), place.rows(prompt_mask))
+                settings = static_engine.DecodeSettings(max_new_tokens, p, sampling, stop_at_end=not ignore_eos)
+                tokens, out_lengths, finish, cache = static_engine.decode(
+                    graphdef, state, cache, first_logits, place.rows(real_lengths), place.rows(active),
+                    base_key, place.rows(row_ids), end_table, stop_table, settings=settings,
+                )
+                if pending is not None:  # turn the previous batch into text while this one runs
+                    collect(*pending)
+                    bar.update(len(pending[0].rows))
+                pending = (batch, tokens, out_lengths, finish)
+            if pending is not None:
                 collect(*pending)
                 bar.update(len(pending[0].rows))
-            pending = (batch, tokens, out_lengths, finish)
-        if pending is not None:
-            collect(*pending)
-            bar.update(len(pending[0].rows))
 
+    if stats is not None:
+        stats.update(figures, engine=engine, occupancy=figures["live_slot_steps"] / max(figures["slot_steps"], 1))
     out: list[list[Completion]] = [[] for _ in prompt_ids]
     for (p, _), completion in zip(rows, results, strict=True):
         out[p].append(completion)
