@@ -96,6 +96,9 @@ class EvalSettings:
     temperature: float = setting(0.7, "Sampling temperature when maj_k > 1.", min=0)
     batch_size: int = setting(32, "Rows per generation batch.", min=1, identity=False)
     chunk: int = setting(64, "Questions per persisted evaluation chunk (resume granularity).", min=1)
+    engine: str = setting("static", "Generation engine: static (each batch runs until its longest row ends) or "
+                                    "continuous (finished slots are refilled; same outputs).",
+                          choices=("static", "continuous"), identity=False)
     seed: int = setting(0, "Seed of evaluation sampling (maj_k > 1).")
 
 

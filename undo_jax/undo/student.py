@@ -129,7 +129,7 @@ def evaluate_records(model, tokenizer, task, records, settings: EvalSettings, ou
             model, tokenizer, [task.prompt_messages(r) for r in chunk], max_new_tokens=settings.max_new_tokens,
             temperature=0.0 if greedy else settings.temperature, num_samples=settings.maj_k,
             seed=settings.seed + 7919 * (start // settings.chunk), batch_size=settings.batch_size, mesh=mesh,
-            progress=progress)
+            progress=progress, engine=settings.engine)
         rows = [_score_one(task, r, [c.text for c in comps], settings.maj_k)
                 for r, comps in zip(chunk, outputs, strict=True)]
         new = [row for row in rows if row["id"] not in done]
