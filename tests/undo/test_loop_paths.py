@@ -88,7 +88,11 @@ def test_mesh_that_does_not_fit_the_micro_batch_or_the_devices(tiny_student, tmp
         run(tiny_config(tmp_path / "run", tiny_student, **mesh), teacher=teacher)
     one_line(e)
     assert teacher.requests == []
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["flags.txt", "identity.json"]
+    # The run directory holds its configuration (flags.txt, config.json, identity.json) and the lock file, which
+    # the refusal released (the holder record is cleared): nothing else was started.
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json", "flags.txt", "identity.json",
+                                                                    "run.lock"]
+    assert (tmp_path / "run" / "run.lock").read_bytes() == b""
 
 
 def test_transfer_from_a_run_with_no_common_questions(tiny_student, tmp_path):
@@ -103,31 +107,46 @@ def test_transfer_from_a_run_with_no_common_questions(tiny_student, tmp_path):
     assert teacher.requests == [] and not (tmp_path / "run" / "iter_1").exists()
 
 
-@pytest.mark.parametrize("teacher_cls, hint", [
-    (WrongTeacher, ""),                                     # every final answer wrong: all filtered out
-    (DownTeacher, f"; first teacher error: {OUTAGE}"),       # every request failed
+NO_RATIONALE = "iteration 1: no usable rationale among 24 (all wrong or failed)"
+
+
+@pytest.mark.parametrize("teacher_cls, overrides, message", [
+    # every final answer wrong: all filtered out
+    (WrongTeacher, {}, NO_RATIONALE),
+    # every request failed: more than --max_teacher_failures (default 0), so the stage stops first
+    (DownTeacher, {}, f"iteration 1: 32 of 32 teacher requests failed (more than --max_teacher_failures=0; first: "
+                      f"{OUTAGE}); re-run to retry exactly those (the others are cached)"),
+    # every request failed, all of them allowed to: nothing left to train on
+    (DownTeacher, {"max_teacher_failures": 1.0}, f"{NO_RATIONALE}; first teacher error: {OUTAGE}"),
 ])
-def test_no_usable_rationale(tiny_student, tmp_path, teacher_cls, hint):
+def test_no_usable_rationale(tiny_student, tmp_path, teacher_cls, overrides, message):
     teacher = teacher_cls()
     with pytest.raises(UndoError) as e:
-        run(tiny_config(tmp_path / "run", tiny_student, eval_base=False), teacher=teacher)
-    assert one_line(e) == f"iteration 1: no usable rationale among 24 (all wrong or failed){hint}"
+        run(tiny_config(tmp_path / "run", tiny_student, eval_base=False, **overrides), teacher=teacher)
+    assert one_line(e) == message
     assert [k for k, _ in teacher.requests] == ["rationale"] * (24 + 8)  # train, then the validation solutions
     assert not (tmp_path / "run" / "iter_1" / "data.jsonl").exists()
     assert not RunDir(tmp_path / "run").is_done(1, "data")
 
 
 # ----- refusals in later stages (copies of the finished run) ------------------------------------------------
-@pytest.mark.parametrize("empty, reason", [(False, OUTAGE), (True, "empty answer")])
-def test_failed_gap_analysis(undo_run, tiny_student, tmp_path, empty, reason):
+@pytest.mark.parametrize("empty, message, asked", [
+    # a failed call is not retried here (the backend already retried it); the re-run asks again
+    (False, f"iteration 2: the teacher's gap analysis failed ({OUTAGE}); re-run to retry", 1),
+    # an empty report is unusable: asked once more, still empty, so the iteration stops
+    (True, "iteration 2: empty gap report after one retry; re-run to ask again, or pass --allow_weak_gap_report "
+           "to use it", 2),
+])
+def test_failed_gap_analysis(undo_run, tiny_student, tmp_path, empty, message, asked):
     run_dir = copy_run(undo_run, tmp_path)
     shutil.rmtree(run_dir / "iter_2")
     before = stage_outputs(run_dir)
     teacher = DownTeacher(kinds=("gaps",), empty=empty)
     with pytest.raises(UndoError) as e:
         run(tiny_config(run_dir, tiny_student), teacher=teacher)
-    assert one_line(e) == f"iteration 2: the teacher's gap analysis failed ({reason})"
-    assert [k for k, _ in teacher.requests] == ["gaps"]
+    assert one_line(e) == message
+    assert [k for k, _ in teacher.requests] == ["gaps"] * asked
+    assert len({prompt for _, prompt in teacher.requests}) == 1  # the retry repeats the same request
     assert not (run_dir / "iter_2" / "gaps.md").exists() and not RunDir(run_dir).is_done(2, "gaps")
     assert stage_outputs(run_dir) == before
 
@@ -202,15 +221,20 @@ def test_an_old_final_export_is_moved_aside_not_deleted(undo_run, tiny_student, 
     assert len(list(run_dir.glob("final.replaced-*"))) == 1
 
 
-def test_training_keeps_only_the_last_checkpoint(undo_run):
-    # UNDO trains with keep=1: Orbax's max_to_keep prunes every earlier step (one per epoch end here).
-    run_dir, _, _ = undo_run
-    assert RunDir(run_dir).marker_info(1, "train")["epochs"] == 2  # so iteration 1 saved an earlier checkpoint
-    for k in (1, 2):
-        log = read_jsonl(run_dir / f"iter_{k}" / "train_log.jsonl")
-        last = max(r["step"] for r in log if "loss" in r)
-        steps = [p.name for p in (run_dir / f"iter_{k}" / "checkpoint" / "state").iterdir() if p.name.isdigit()]
-        assert steps == [str(last)], (k, steps)
+def test_training_keeps_only_the_last_checkpoint(undo_run, tiny_student, tmp_path):
+    # UNDO trains with keep=1: Orbax's max_to_keep prunes every earlier step. Iteration 2 is retrained with a
+    # checkpoint every step (--save_every=1, so three saves); only the last step stays. Afterwards
+    # --keep_train_state=last (the default) leaves iteration 1 params only.
+    run_dir = copy_run(undo_run, tmp_path)
+    unmark(run_dir, 2, "train", "prune_state", "eval_val", "eval_test")
+    shutil.rmtree(run_dir / "iter_2" / "checkpoint")
+    run(tiny_config(run_dir, tiny_student, save_every=1, allow_flag_change=True), teacher=ScriptedTeacher())
+    log = read_jsonl(run_dir / "iter_2" / "train_log.jsonl")
+    last = max(r["step"] for r in log if "loss" in r)
+    assert last == 3  # so three step checkpoints were written
+    steps = [p.name for p in (run_dir / "iter_2" / "checkpoint" / "state").iterdir() if p.name.isdigit()]
+    assert steps == [str(last)]
+    assert sorted(p.name for p in (run_dir / "iter_1" / "checkpoint").iterdir()) == ["model.json", "params"]
 
 
 # ----- flags: --retrain=base, --filter_wrong=false, over the loopback OpenAI-protocol server ------------------
@@ -227,12 +251,12 @@ def test_http_teacher_run_with_retrain_base_and_unfiltered_rationales(tiny_stude
     """A whole fast run whose teacher is built from the flags and reached over HTTP (the loopback server with
     scripted replies): every request is answered once; --filter_wrong=false keeps the wrong rationales;
     --retrain=base trains iteration 2 from the base student for --epochs_first epochs."""
+    from undo_jax.config import demo_data_path
     from undo_jax.models import load_pretrained, load_tokenizer
     from undo_jax.tasks import get_task
     from undo_jax.testing.servers import LoopbackServer
     from undo_jax.train import Example, TrainConfig, completion_loss
     from undo_jax.undo import prompts
-    from undo_jax.undo.loop import demo_data_path
     from undo_jax.undo.student import load_student
 
     task = get_task("svamp")
