@@ -290,49 +290,34 @@ class CausalLM(nnx.Module):
         )
         return self.norm(x), cache
 
-    def decode_step(self, input_ids, positions, cache: KVCache, cache_index):
+    def decode_step(self, input_ids, positions, cache: KVCache, cache_index, kv_filled=None):
         """Run T new tokens against the cache; they are written at slots cache_index..cache_index+T-1.
 
         Query t attends slot s iff cache.valid[b, s] and cache.positions[b, s] <= positions[b, t].
         """
-        hidden, new_cache = self.decode_hidden(input_ids, positions, cache, cache_index)
+        hidden, new_cache = self.decode_hidden(input_ids, positions, cache, cache_index, kv_filled)
         return self.logits_from_hidden(hidden), new_cache
 
-    def decode_hidden(self, input_ids, positions, cache: KVCache, cache_index):
+    def decode_hidden(self, input_ids, positions, cache: KVCache, cache_index, kv_filled=None):
         """`decode_step` without the vocabulary projection: (final-norm hidden states [B,T,D], cache).
 
-        cache_index: a scalar (every row writes slots cache_index..cache_index+T-1), or an int32 [B]
-        vector of per-row slots for T = 1 (continuous batching: each row has its own fill level).
-        Attention visits only slots below the highest written slot + 1 (the chunked backend skips the
-        empty tail).
+        Attention visits only slots below `kv_filled` (default cache_index + T: the chunked backend skips the
+        empty tail). A caller whose rows fill the cache out of order (continuous batching's ring of generated
+        slots) passes its own bound.
         """
         b, t = input_ids.shape
         positions = positions.astype(jnp.int32)
-        per_row = jnp.ndim(cache_index) == 1
-        if per_row:
-            if t != 1:
-                raise ValueError(f"decode_hidden: per-row cache indices take one new token per row, got {t}")
-            rows = jnp.arange(b)
-            cache_index = cache_index.astype(jnp.int32)
-            cache_positions = cache.positions.at[rows, cache_index].set(positions[:, 0])
-            cache_valid = cache.valid.at[rows, cache_index].set(True)
-            filled = jnp.max(cache_index) + 1
-        else:
-            cache_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (0, cache_index))
-            cache_valid = jax.lax.dynamic_update_slice(cache.valid, jnp.ones((b, t), bool), (0, cache_index))
-            filled = cache_index + t
+        cache_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (0, cache_index))
+        cache_valid = jax.lax.dynamic_update_slice(cache.valid, jnp.ones((b, t), bool), (0, cache_index))
+        filled = cache_index + t if kv_filled is None else kv_filled
         cos, sin = rope_cos_sin(positions, rope_inv_freq(self.config))
 
         def body(carry, layer, index):
             x, k_all, v_all = carry
             q, k, v = layer.qkv(layer.input_layernorm(x), cos, sin)
-            if per_row:  # k, v [B, KV, 1, Dh] -> slot cache_index[b] of row b
-                k_all = k_all.at[index, rows, :, cache_index].set(k[:, :, 0].astype(k_all.dtype))
-                v_all = v_all.at[index, rows, :, cache_index].set(v[:, :, 0].astype(v_all.dtype))
-            else:
-                at = (index, 0, 0, cache_index, 0)
-                k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
-                v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
+            at = (index, 0, 0, cache_index, 0)
+            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
+            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
             out = self._attend(q, k_all, v_all, layer=index, q_positions=positions, kv_positions=cache_positions,
                                kv_valid=cache_valid, kv_filled=filled)
             return (layer.finish(x, out.astype(x.dtype)), k_all, v_all), None
