@@ -14,6 +14,7 @@ served stale. Per completion token: k int32 ids + k float32 log-probs + one floa
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
@@ -122,6 +123,7 @@ class TeacherLogitStore:
         return SparseTargets(z["top_logp"][a:b], z["top_ids"][a:b], z["log_tail"][a:b])
 
 
+@functools.lru_cache(maxsize=8)  # one compiled program per teacher graph and k (on-policy steps call it per step)
 def _sparse_program(model_graphdef, k: int):
     from flax import nnx
 
