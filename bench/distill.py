@@ -8,7 +8,13 @@ Each variant runs in its own process (peak RSS per variant): the trainer's jitte
 over --steps steps. The KD variant's batch carries random sparse teacher targets of the stored shape
 (top-k log-probs, ids, tail), so it measures the step, not the teacher pass (which runs once per example
 and is cached). JSON lines: per variant the median s/step, tokens/s, XLA temp bytes of the compiled step
-and peak RSS; then `ratio_logit_kd_over_sft` (median step time). On-policy distillation is not built yet.
+and peak RSS; then `ratio_logit_kd_over_sft` (median step time).
+
+The on-policy variant times what a step drawn on-policy costs (`undo_jax.train.on_policy.student_samples`, then
+the same KD step): the student samples the second half of every row (temperature 1, --seq / 2 tokens at most),
+a teacher of the same shape (other random weights) scores the samples, then the step runs on them. It reports
+the three parts and `ratio_on_policy_over_sft`. With --on-policy-fraction f, a run's mean step costs about
+(1 - f) * logit_kd + f * on_policy.
 """
 
 from __future__ import annotations
@@ -62,11 +68,13 @@ def worker(args) -> dict:
     if args.variant == "logit_kd":
         k = args.top_k
         logp = np.log(rng.dirichlet(np.ones(k + 1), size=(r, t))).astype(np.float32)
-        batch.update(top_logp=logp[..., :k], log_tail=logp[..., k],
+        batch.update(top_logp=logp[..., :k], log_tail=logp[..., k], ce_mask=mask,
                      top_ids=rng.integers(0, cfg.vocab_size, (r, t, k)).astype(np.int32))
-    batch = {k: jnp.asarray(v) for k, v in batch.items()}
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
     step = jax.jit(single, donate_argnums=0)
+    if args.variant == "on_policy":
+        return on_policy_worker(args, cfg, graphdef, state, step, tokens, config, rng)
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
     compiled = step.lower(state, batch).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
     state, metrics = compiled(state, batch)
@@ -80,6 +88,62 @@ def worker(args) -> dict:
     median = statistics.median(times)
     return {"variant": args.variant, "rows": r, "seq": t, "top_k": args.top_k if args.variant == "logit_kd" else None,
             "remat": args.remat, "s_per_step": round(median, 3), "tokens_per_s": round(r * t / median, 1),
+            "temp_bytes": int(temp), "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "loss": float(metrics["loss"])}
+
+
+def bench_tokenizer(tiny: bool):
+    """A real tokenizer for the sampler's end tokens and decoding: the tiny character one, or SmolLM2's."""
+    if tiny:
+        from tests.train.helpers import tiny_tokenizer
+
+        return tiny_tokenizer()
+    from undo_jax.assets import smollm2_gguf_path
+    from undo_jax.models.gguf_tokenizer import load_gguf_tokenizer
+
+    return load_gguf_tokenizer(smollm2_gguf_path())
+
+
+def on_policy_worker(args, cfg, graphdef, state, step, tokens, config, rng) -> dict:
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from undo_jax.train import data as data_lib
+    from undo_jax.train.on_policy import OnPolicyTeacher, student_samples
+
+    r, t = args.rows, args.seq
+    config = dataclasses.replace(config, on_policy_fraction=1.0, on_policy_temperature=1.0,
+                                 on_policy_max_new_tokens=t // 2, packing=False)
+    teacher_params = jax.tree.map(lambda a: jnp.asarray(rng.normal(0, 0.02, a.shape).astype(np.float32)),
+                                  state["params"])
+    teacher = OnPolicyTeacher(nnx.merge(graphdef, teacher_params), bench_tokenizer(args.tiny), args.top_k,
+                              batch_size=r)
+    prompts = [data_lib.TokenizedExample(tokens[i], t // 2) for i in range(r)]
+    parts = {"sample_and_score_s": [], "step_s": [], "s_per_step": []}
+    temp = None
+    for i in range(args.steps + 1):  # the first round compiles
+        start = time.perf_counter()
+        student = nnx.merge(graphdef, state["params"])
+        seqs, info = student_samples(student, teacher, prompts, config, i)
+        sampled = time.perf_counter()
+        (batch,) = data_lib.step_micro_batches(seqs, config)
+        batch = {k: jnp.asarray(v) for k, v in batch.arrays().items()}
+        if temp is None:
+            temp = step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        end = time.perf_counter()
+        if i:
+            parts["sample_and_score_s"].append(sampled - start)
+            parts["step_s"].append(end - sampled)
+            parts["s_per_step"].append(end - start)
+    median = {k: round(statistics.median(v), 3) for k, v in parts.items()}
+    return {"variant": "on_policy", "rows": r, "seq": t, "top_k": args.top_k, "remat": args.remat, **median,
+            "sampled_tokens_last": info["sampled_tokens"], "tokens_per_s": round(r * t / median["s_per_step"], 1),
             "temp_bytes": int(temp), "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "loss": float(metrics["loss"])}
 
@@ -100,7 +164,7 @@ def main() -> None:
         return
     print(json.dumps({"load": os.getloadavg(), "cpus": os.cpu_count()}), flush=True)
     results = {}
-    for variant in ("sft", "logit_kd"):
+    for variant in ("sft", "logit_kd", "on_policy"):
         argv = [sys.executable, __file__, f"--variant={variant}", *sys.argv[1:]]
         out = subprocess.run(argv, capture_output=True, text=True, check=True,
                              env=dict(os.environ, JAX_PLATFORMS="cpu"))
@@ -108,6 +172,8 @@ def main() -> None:
         print(json.dumps(results[variant]), flush=True)
     print(json.dumps({"ratio_logit_kd_over_sft": round(results["logit_kd"]["s_per_step"] /
                                                        results["sft"]["s_per_step"], 3),
+                      "ratio_on_policy_over_sft": round(results["on_policy"]["s_per_step"] /
+                                                        results["sft"]["s_per_step"], 3),
                       "temp_ratio_logit_kd_over_sft": round(results["logit_kd"]["temp_bytes"] /
                                                             max(results["sft"]["temp_bytes"], 1), 3)}), flush=True)
 

@@ -126,13 +126,15 @@ class LoopConfig:
                                           min=0, max=1, identity=False)
     distill: str = setting("rationales", "What the student learns from: the teacher's rationales (SFT, the paper) or "
                                          "also the logit teacher's next-token distributions over them (logits: "
-                                         "off-policy logit distillation, see --kd_*).",
-                           choices=("rationales", "logits"))
-    logit_teacher: str | None = setting(None, "With --distill=logits: the model whose distributions the student "
-                                              "matches (HF directory, .gguf file or hub id; must share the student's "
-                                              "vocabulary). Default: --teacher_model when --teacher=local.")
-    kd_top_k: int = setting(32, "With --distill=logits: teacher log-probs kept per completion token (plus the "
-                                "tail mass).", min=1)
+                                         "off-policy logit distillation, see --kd_*; on_policy: as logits, but a "
+                                         "--on_policy_fraction of the steps train on the student's own samples "
+                                         "scored by the logit teacher, GKD).",
+                           choices=("rationales", "logits", "on_policy"))
+    logit_teacher: str | None = setting(None, "With --distill=logits|on_policy: the model whose distributions the "
+                                              "student matches (HF directory, .gguf file or hub id; must share the "
+                                              "student's vocabulary). Default: --teacher_model when --teacher=local.")
+    kd_top_k: int = setting(32, "With --distill=logits|on_policy: teacher log-probs kept per completion token "
+                                "(plus the tail mass).", min=1)
     allow_weak_gap_report: bool = setting(False, "Use a gap report that is still unusable after one retry (empty "
                                                  "or degenerate) instead of stopping the iteration.",
                                       identity=False)
@@ -239,10 +241,16 @@ def validate(cfg: RunConfig) -> RunConfig:
         _fail("regenerate", "has no meaning with --mode=standard (standard distillation never regenerates)")
     if lp.teacher_data_from is not None and not os.path.isfile(os.path.join(lp.teacher_data_from, "data.jsonl")):
         _fail("teacher_data_from", f"{lp.teacher_data_from}: no data.jsonl there (expected RUN/iter_K)")
-    if lp.distill == "logits" and not lp.logit_teacher and not (te.backend == "local" and te.model):
-        _fail("logit_teacher", "is required with --distill=logits (or use --teacher=local with --teacher_model)")
-    if lp.distill != "logits" and lp.logit_teacher:
-        _fail("logit_teacher", f"applies to --distill=logits only, not --distill={lp.distill}")
+    white_box = lp.distill in ("logits", "on_policy")
+    if white_box and not lp.logit_teacher and not (te.backend == "local" and te.model):
+        _fail("logit_teacher", f"is required with --distill={lp.distill} (or use --teacher=local with "
+                               f"--teacher_model)")
+    if not white_box and lp.logit_teacher:
+        _fail("logit_teacher", f"applies to --distill=logits|on_policy only, not --distill={lp.distill}")
+    if lp.distill != "on_policy":
+        for name in ("on_policy_fraction", "on_policy_temperature", "on_policy_max_new_tokens"):
+            if getattr(tr, name) != TrainConfig.__dataclass_fields__[name].default:
+                _fail(name, f"applies to --distill=on_policy only, not --distill={lp.distill}")
     if cfg.output.baseline_run is not None and not os.path.isdir(cfg.output.baseline_run):
         _fail("baseline_run", f"{cfg.output.baseline_run}: no such run directory")
     return cfg

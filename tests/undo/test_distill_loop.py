@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -59,5 +60,32 @@ def test_a_teacher_with_another_vocabulary_is_one_line(tiny_student, tmp_path):
 def test_distill_flags_are_checked_on_the_tree(tiny_student, tmp_path):
     with pytest.raises(ConfigError, match="--logit_teacher: is required with --distill=logits"):
         tiny_config(tmp_path / "a", tiny_student, distill="logits")
-    with pytest.raises(ConfigError, match="--logit_teacher: applies to --distill=logits only"):
+    with pytest.raises(ConfigError, match=re.escape("--logit_teacher: applies to --distill=logits|on_policy only")):
         tiny_config(tmp_path / "b", tiny_student, logit_teacher=str(tiny_student))
+
+
+def test_on_policy_distillation_samples_scores_and_reports(tiny_student, logit_teacher, tmp_path):
+    run_dir = tmp_path / "gkd"
+    # 8 examples, batch 8: 1 step per epoch, 2 epochs; every step on-policy.
+    cfg = tiny_config(run_dir, tiny_student, distill="on_policy", logit_teacher=str(logit_teacher), kd_top_k=8,
+                      kd_divergence="jsd", on_policy_fraction=1.0, on_policy_temperature=0.7,
+                      on_policy_max_new_tokens=8, max_iterations=1, train_size=8, eval_base=False)
+    run(cfg)
+    rd = RunDir(run_dir)
+    assert rd.marker_info(1, "teacher_logits")["computed"] > 0  # off-policy targets are cached as with logits
+    assert rd.marker_info(1, "train")["distill"] == "on_policy"
+    records = [json.loads(line) for line in (run_dir / "iter_1" / "train_log.jsonl").read_text().splitlines()][1:]
+    assert len(records) == 2 and all(r["on_policy"] for r in records)
+    # Each step's completions are the student's samples: at most 8 tokens each, 8 examples per step.
+    assert all(0 < r["sampled_tokens"] <= 8 * 8 and r["completion_tokens"] == r["sampled_tokens"] for r in records)
+    report = (run_dir / "report.md").read_text()
+    assert "on-policy on 1.0 of the steps (student samples at T 0.7, up to 8 tokens)" in report
+
+
+def test_on_policy_flags_need_on_policy_distillation(tiny_student, logit_teacher, tmp_path):
+    with pytest.raises(ConfigError, match="--on_policy_fraction: applies to --distill=on_policy only, not "
+                                          "--distill=logits"):
+        tiny_config(tmp_path / "a", tiny_student, distill="logits", logit_teacher=str(logit_teacher),
+                    on_policy_fraction=0.2)
+    with pytest.raises(ConfigError, match="--logit_teacher: is required with --distill=on_policy"):
+        tiny_config(tmp_path / "b", tiny_student, distill="on_policy")

@@ -68,27 +68,40 @@ def _next_power_of_two(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def _is_token_ids(prompt) -> bool:
+    if isinstance(prompt, np.ndarray):
+        return prompt.ndim == 1 and np.issubdtype(prompt.dtype, np.integer)
+    return (isinstance(prompt, Sequence) and not isinstance(prompt, str) and len(prompt) > 0
+            and all(isinstance(t, int | np.integer) and not isinstance(t, bool) for t in prompt))
+
+
 def render_prompts(tokenizer, prompts) -> list[list[int]]:
     """Token ids of each prompt: strings as given (no special tokens added), message lists rendered by
-    `undo_jax.chat.render_prompt` (the trainer's rendering)."""
+    `undo_jax.chat.render_prompt` (the trainer's rendering), token-id sequences used as they are (the
+    trainer's on-policy samples continue exactly the prompt ids it trains on)."""
     if isinstance(prompts, str | Mapping) or not isinstance(prompts, Sequence):
         raise TypeError(f"prompts must be a list of strings or of chat message lists, got {type(prompts).__name__}")
-    texts = []
+    texts, at, given = [], [], {}
     for i, prompt in enumerate(prompts):
         if isinstance(prompt, str):
             texts.append(prompt)
+            at.append(i)
         elif is_messages(prompt) and len(prompt) > 0:
             texts.append(render_prompt(tokenizer, prompt))
+            at.append(i)
+        elif _is_token_ids(prompt):
+            given[i] = [int(t) for t in prompt]
         else:
             raise TypeError(
-                f"prompts[{i}]: expected a string or a non-empty list of {{'role', 'content'}} dicts, "
+                f"prompts[{i}]: expected a string, a non-empty list of {{'role', 'content'}} dicts or of token ids, "
                 f"got {type(prompt).__name__}"
             )
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-    for i, row in enumerate(ids):
+    for i, row in zip(at, ids, strict=True):
         if not row:
             raise ValueError(f"prompts[{i}] tokenizes to no tokens; generation needs at least one prompt token")
-    return [list(row) for row in ids]
+        given[i] = list(row)
+    return [given[i] for i in range(len(prompts))]
 
 
 def end_token_ids(tokenizer, config=None) -> tuple[int, ...]:

@@ -64,6 +64,13 @@ class TrainConfig:
                                  choices=KD_DIVERGENCES)
     kd_beta: float = setting(0.5, "Logit distillation: beta of the generalized JSD (0 = forward KL, 1 = reverse KL).",
                              min=0, max=1)
+    on_policy_fraction: float = setting(0.5, "On-policy distillation (--distill=on_policy): probability per step "
+                                             "that the step's completions are sampled from the current student and "
+                                             "scored by the teacher (GKD's lambda).", min=0, max=1)
+    on_policy_temperature: float = setting(1.0, "On-policy distillation: sampling temperature of the student's "
+                                                "completions (0 = greedy).", min=0)
+    on_policy_max_new_tokens: int = setting(256, "On-policy distillation: tokens sampled per completion at most "
+                                                 "(never past --max_length).", min=1)
     skip_overlong: bool = setting(True, "A prompt that fills max_length: skip and count it (else an error).")
     save_every: int = setting(0, "Trainer checkpoint every N steps (0: epoch ends only).", min=0)
     keep: int = setting(2, "Step checkpoints the Orbax manager keeps while an iteration trains.", min=1,

@@ -43,6 +43,9 @@ class TokenizedExample:
     ids: np.ndarray  # int32 [n], prompt then completion, already truncated to max_length
     completion_start: int  # ids[completion_start:] are completion tokens (the loss targets)
     teacher: SparseTargets | None = None  # logit distillation only: n - completion_start rows
+    # Weight of the CE on this example's completion (logit distillation only): 0 for the student's own samples
+    # (on-policy distillation), whose tokens are no gold to imitate.
+    ce_weight: float = 1.0
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -59,6 +62,7 @@ class MicroBatch:
     top_logp: np.ndarray | None = None
     top_ids: np.ndarray | None = None
     log_tail: np.ndarray | None = None
+    ce_mask: np.ndarray | None = None  # float32 [R, L]: loss_mask times each example's ce_weight
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -119,6 +123,8 @@ def fingerprint(examples: Sequence[TokenizedExample]) -> str:
         if ex.teacher is not None:  # distilling from other teacher targets is other training data
             for a in (ex.teacher.top_logp, ex.teacher.top_ids, ex.teacher.log_tail):
                 h.update(np.ascontiguousarray(a).tobytes())
+        if ex.ce_weight != 1.0:
+            h.update(np.float64(ex.ce_weight).tobytes())
     return h.hexdigest()
 
 
@@ -182,7 +188,8 @@ def _fill(rows: Sequence[Sequence[TokenizedExample]], num_rows: int, length: int
     teacher = None
     if all(with_teacher) and seqs:
         k = seqs[0].teacher.top_ids.shape[1]
-        teacher = (np.zeros((*shape, k), np.float32), np.zeros((*shape, k), np.int32), np.zeros(shape, np.float32))
+        teacher = (np.zeros((*shape, k), np.float32), np.zeros((*shape, k), np.int32), np.zeros(shape, np.float32),
+                   np.zeros(shape, np.float32))
     for r, row in enumerate(rows):
         start = 0
         for segment, seq in enumerate(row, start=1):
@@ -202,6 +209,7 @@ def _fill(rows: Sequence[Sequence[TokenizedExample]], num_rows: int, length: int
                                      f"example has {span.stop - span.start}")
                 teacher[0][r, span], teacher[1][r, span], teacher[2][r, span] = (
                     seq.teacher.top_logp, seq.teacher.top_ids, seq.teacher.log_tail)
+                teacher[3][r, span] = seq.ce_weight
             start = stop
     if teacher is None:
         return MicroBatch(tokens, targets, loss_mask, segment_ids, positions)

@@ -147,8 +147,10 @@ def distill_loss_sum(model, batch: dict[str, jax.Array], teacher: dict[str, jax.
     """(sum of the masked per-token loss, {"count", "ce_sum", "kd_sum"}) for one micro-batch.
 
     teacher: {"top_logp" [R, T, k], "top_ids" [R, T, k], "log_tail" [R, T]} aligned with batch["targets"]
-    (positions outside the completion mask are ignored). With `chunk` > 0 the [tokens, vocab] logits are
-    made `chunk` tokens at a time and recomputed in the backward pass, so one chunk of them is alive at once.
+    (positions outside the completion mask are ignored), optionally "ce_mask" [R, T]: where the CE term counts
+    (default: the completion mask; 0 on on-policy samples, which have no gold tokens). With `chunk` > 0 the
+    [tokens, vocab] logits are made `chunk` tokens at a time and recomputed in the backward pass, so one chunk of
+    them is alive at once.
     """
     hidden = model.hidden_states(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"],
                                  remat=remat)
@@ -157,12 +159,14 @@ def distill_loss_sum(model, batch: dict[str, jax.Array], teacher: dict[str, jax.
     n, k = r * t, teacher["top_ids"].shape[-1]
     full = k >= model.config.vocab_size
 
-    def sums(h, y, lp, ids, tail, m):
+    ce_mask = teacher["ce_mask"].astype(jnp.float32) if "ce_mask" in teacher else mask
+
+    def sums(h, y, lp, ids, tail, m, ce_m):
         ce, kd = token_distill_loss(model.logits_from_hidden(h), y, lp, ids, tail, settings, full_support=full)
-        return jnp.stack([jnp.sum(ce * m), jnp.sum(kd * m)])
+        return jnp.stack([jnp.sum(ce * ce_m), jnp.sum(kd * m)])
 
     flat = (hidden.reshape(n, d), batch["targets"].reshape(n), teacher["top_logp"].reshape(n, k),
-            teacher["top_ids"].reshape(n, k), teacher["log_tail"].reshape(n), mask.reshape(n))
+            teacher["top_ids"].reshape(n, k), teacher["log_tail"].reshape(n), mask.reshape(n), ce_mask.reshape(n))
     if chunk <= 0 or chunk >= n:
         totals = sums(*flat)
     else:

@@ -20,8 +20,8 @@ from flax import nnx
 from undo_jax.train.config import TrainConfig
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
-# Extra micro-batch arrays of logit distillation (teacher targets aligned with `targets`).
-TEACHER_KEYS = ("top_logp", "top_ids", "log_tail")
+# Extra micro-batch arrays of logit distillation (teacher targets aligned with `targets`, and the CE weights).
+TEACHER_KEYS = ("top_logp", "top_ids", "log_tail", "ce_mask")
 
 
 # ---------------------------------------------------------------- loss

@@ -14,6 +14,7 @@ served stale. Per completion token: k int32 ids + k float32 log-probs + one floa
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
@@ -122,6 +123,7 @@ class TeacherLogitStore:
         return SparseTargets(z["top_logp"][a:b], z["top_ids"][a:b], z["log_tail"][a:b])
 
 
+@functools.lru_cache(maxsize=8)  # one compiled program per teacher graph and k (on-policy steps call it per step)
 def _sparse_program(model_graphdef, k: int):
     from flax import nnx
 
@@ -135,47 +137,32 @@ def _sparse_program(model_graphdef, k: int):
     return run
 
 
-def compute_teacher_logits(teacher, examples: Mapping[str, TokenizedExample], store: TeacherLogitStore, *,
-                           batch_size: int = 8, mesh=None, progress: bool = False) -> dict[str, int]:
-    """Fill `store` for every example it lacks; returns {"computed", "reused"} example counts.
+def teacher_targets(teacher, examples: Sequence[TokenizedExample], k: int, *, batch_size: int = 8, mesh=None):
+    """Yield (positions in `examples`, their `SparseTargets`) batch by batch: one teacher-forced pass.
 
-    teacher: a `CausalLM` (sharded on `mesh` like a student, if given). Batches are length-sorted and
-    padded to a few bucket lengths; with a mesh their rows are split over the batch axes.
+    teacher: a `CausalLM` (sharded on `mesh` like a student, if given). `examples` is taken in the given order,
+    padded to a few bucket lengths; with a mesh each batch's rows are split over the batch axes.
     """
     from flax import nnx
 
     from undo_jax.sharding import batch_sharding
 
-    for eid, ex in examples.items():
-        if not 1 <= ex.completion_start < len(ex):
-            raise TeacherLogitsError(f"{store.folder}: example {eid!r} has no prompt token before its completion "
-                                     f"or no completion (completion_start={ex.completion_start}, length={len(ex)})")
-    keys = {eid: example_key(store.teacher_id, store.k, ex) for eid, ex in examples.items()}
-    todo = sorted((eid for eid in examples if keys[eid] not in store), key=lambda e: len(examples[e]))
-    if store.k > teacher.config.vocab_size:
-        raise TeacherLogitsError(f"{store.folder}: top-k {store.k} exceeds the teacher's vocabulary "
-                                 f"({teacher.config.vocab_size})")
     graphdef, params = nnx.split(teacher)
-    run = _sparse_program(graphdef, store.k)
+    run = _sparse_program(graphdef, k)
     rows = batch_size
     sharding = None
     if mesh is not None:
         sharding = batch_sharding(mesh)
         split = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
         rows = -(-batch_size // split) * split
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(todo), desc="teacher logits", unit="ex")
-    for start in range(0, len(todo), batch_size):
-        group = todo[start:start + batch_size]
-        longest = max(len(examples[e]) for e in group)
+    for start in range(0, len(examples), batch_size):
+        group = list(range(start, min(start + batch_size, len(examples))))
+        longest = max(len(examples[i]) for i in group)
         length = length_bucket(longest, 1 << 30)
         tokens = np.zeros((rows, length), np.int32)
         segment_ids = np.zeros((rows, length), np.int32)
-        for r, eid in enumerate(group):
-            ids = np.asarray(examples[eid].ids, np.int32)
+        for r, i in enumerate(group):
+            ids = np.asarray(examples[i].ids, np.int32)
             tokens[r, :len(ids)] = ids
             segment_ids[r, :len(ids)] = 1
         positions = np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length))
@@ -183,13 +170,42 @@ def compute_teacher_logits(teacher, examples: Mapping[str, TokenizedExample], st
         if sharding is not None:
             args = [jax.device_put(a, sharding) for a in args]
         top_logp, top_ids, log_tail = (np.asarray(x) for x in run(params, *args))
-        items = []
-        for r, eid in enumerate(group):
-            ex = examples[eid]
+        targets = []
+        for r, i in enumerate(group):
+            ex = examples[i]
             # Position j - 1 predicts token j: the completion tokens ids[start:] are predicted at start-1 .. n-2.
             sl = slice(ex.completion_start - 1, len(ex) - 1)
-            items.append((keys[eid], SparseTargets(top_logp[r, sl], top_ids[r, sl], log_tail[r, sl])))
-        store.write(items)
+            targets.append(SparseTargets(top_logp[r, sl], top_ids[r, sl], log_tail[r, sl]))
+        yield group, targets
+
+
+def check_has_completion(examples: Mapping[str, TokenizedExample], where) -> None:
+    for eid, ex in examples.items():
+        if not 1 <= ex.completion_start < len(ex):
+            raise TeacherLogitsError(f"{where}: example {eid!r} has no prompt token before its completion "
+                                     f"or no completion (completion_start={ex.completion_start}, length={len(ex)})")
+
+
+def compute_teacher_logits(teacher, examples: Mapping[str, TokenizedExample], store: TeacherLogitStore, *,
+                           batch_size: int = 8, mesh=None, progress: bool = False) -> dict[str, int]:
+    """Fill `store` for every example it lacks; returns {"computed", "reused"} example counts.
+
+    Batches are length-sorted (`teacher_targets`); each is one shard written atomically.
+    """
+    check_has_completion(examples, store.folder)
+    keys = {eid: example_key(store.teacher_id, store.k, ex) for eid, ex in examples.items()}
+    todo = sorted((eid for eid in examples if keys[eid] not in store), key=lambda e: len(examples[e]))
+    if store.k > teacher.config.vocab_size:
+        raise TeacherLogitsError(f"{store.folder}: top-k {store.k} exceeds the teacher's vocabulary "
+                                 f"({teacher.config.vocab_size})")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), desc="teacher logits", unit="ex")
+    for group, targets in teacher_targets(teacher, [examples[e] for e in todo], store.k, batch_size=batch_size,
+                                          mesh=mesh):
+        store.write([(keys[todo[i]], t) for i, t in zip(group, targets, strict=True)])
         if bar is not None:
             bar.update(len(group))
     if bar is not None:

@@ -41,6 +41,7 @@ from undo_jax.train.checkpoint import (
     save_params,
 )
 from undo_jax.train.config import Example, TrainConfig
+from undo_jax.train.on_policy import OnPolicyTeacher, is_on_policy_step, student_samples
 from undo_jax.train.step import (
     BATCH_KEYS,
     TEACHER_KEYS,
@@ -193,6 +194,15 @@ def params_host_state(graphdef, params_host) -> nnx.State:
     return nnx.state(nnx.merge(graphdef, abstract), nnx.Param)
 
 
+def trajectory_settings(config: TrainConfig, on_policy: bool) -> dict:
+    """The settings a checkpoint must match to resume; the on-policy ones only where steps sample (so
+    checkpoints of other runs, and of runs before these settings existed, are unaffected)."""
+    settings = config.trajectory_dict()
+    if not on_policy:
+        settings = {k: v for k, v in settings.items() if not k.startswith("on_policy_")}
+    return settings
+
+
 # ---------------------------------------------------------------- the trainer
 def train(
     model: nnx.Module,
@@ -236,10 +246,18 @@ def train_tokenized(
     log_path=None,
     epoch_end_callback: EpochCallback | None = None,
     skipped: int = 0,
+    on_policy: OnPolicyTeacher | None = None,
 ) -> nnx.Module:
-    """`train` on already tokenized examples (ids + completion start)."""
+    """`train` on already tokenized examples (ids + completion start).
+
+    on_policy: with examples that carry teacher targets, train a `config.on_policy_fraction` of the steps on the
+    student's own samples scored by this teacher (`undo_jax.train.on_policy`); the others as given.
+    """
     if not seqs:
         raise ValueError("train: the dataset is empty (no examples)")
+    if on_policy is not None and seqs[0].teacher is None:
+        raise ValueError("train: on-policy distillation needs examples with teacher targets (the off-policy steps "
+                         "train on them)")
     mesh = make_mesh() if mesh is None else mesh
     primary = jax.process_index() == 0
     row_multiple = batch_row_multiple(mesh)
@@ -268,7 +286,7 @@ def train_tokenized(
         return {"params": params, "opt_state": opt_state, "step": jax.device_put(jnp.zeros((), jnp.int32), rep)}
 
     run_meta = {"data_fingerprint": data_fingerprint, "num_examples": len(seqs),
-                "trajectory": config.trajectory_dict(), "param_shapes": shapes}
+                "trajectory": trajectory_settings(config, on_policy is not None), "param_shapes": shapes}
     ckpt = TrainCheckpointer(checkpoint_dir, config.keep) if checkpoint_dir is not None else None
     start = 0
     try:
@@ -327,7 +345,12 @@ def train_tokenized(
             for step in range(start, total_steps):
                 t0 = time.perf_counter()
                 indices = data_lib.step_example_indices(len(seqs), config, step)
-                batches = data_lib.step_micro_batches([seqs[i] for i in indices], config, row_multiple)
+                step_seqs = [seqs[i] for i in indices]
+                sampled = on_policy is not None and is_on_policy_step(config, step)
+                if sampled:
+                    step_seqs, sample_info = student_samples(snapshot_model(state["params"]), on_policy, step_seqs,
+                                                             config, step, mesh=mesh)
+                batches = data_lib.step_micro_batches(step_seqs, config, row_multiple)
                 placed = [place_batch(b, batch_sh) for b in batches]
                 if len(placed) == 1:
                     state, metrics = steps.single(state, placed[0])
@@ -345,6 +368,10 @@ def train_tokenized(
                           "padded_tokens": padded_tokens, "examples": len(indices), "micro_batches": len(batches),
                           "tokens_per_s": real_tokens / elapsed, "lr": metrics["lr"],
                           "grad_norm": metrics["grad_norm"], "step_time_s": elapsed}
+                if on_policy is not None:
+                    record["on_policy"] = sampled
+                    if sampled:
+                        record.update(sample_info)
                 if log_file is not None:
                     with log_file.open("a") as f:
                         f.write(json.dumps(record) + "\n")

@@ -265,12 +265,10 @@ class UndoRun:
         source = self.logit_teacher_source()
         return TeacherLogitStore(self.rd.root / "teacher_logits", teacher_identity(source), self.cfg.loop.kd_top_k)
 
-    def stage_teacher_logits(self, k: int) -> dict[str, Any]:
-        """One teacher-forced pass of the logit teacher over iteration k's training tokens (cached on disk)."""
-        from undo_jax.train.teacher_logits import TeacherLogitsError, check_same_vocabulary, compute_teacher_logits
+    def load_logit_teacher(self, k: int):
+        """The logit teacher on the run's mesh, checked to share the student's vocabulary."""
+        from undo_jax.train.teacher_logits import TeacherLogitsError, check_same_vocabulary
 
-        seqs = self.tokenized_examples(k)
-        store = self.logit_store()
         source = self.logit_teacher_source()
         student_config = self.model_of(self.starts_from(k)).config
         teacher, teacher_tok = load_student(source, param_dtype=self.cfg.student.param_dtype, mesh=self.mesh,
@@ -278,6 +276,19 @@ class UndoRun:
         try:
             check_same_vocabulary(source, teacher.config, teacher_tok, self.cfg.student.source, student_config,
                                   self.tokenizer)
+        except TeacherLogitsError as e:
+            raise UndoError(str(e)) from None
+        return teacher
+
+    def stage_teacher_logits(self, k: int) -> dict[str, Any]:
+        """One teacher-forced pass of the logit teacher over iteration k's training tokens (cached on disk)."""
+        from undo_jax.train.teacher_logits import TeacherLogitsError, compute_teacher_logits
+
+        seqs = self.tokenized_examples(k)
+        store = self.logit_store()
+        source = self.logit_teacher_source()
+        teacher = self.load_logit_teacher(k)
+        try:
             counts = compute_teacher_logits(teacher, {str(i): s for i, s in enumerate(seqs)}, store,
                                             batch_size=self.cfg.eval.batch_size, mesh=self.mesh,
                                             progress=self.progress)
@@ -315,6 +326,16 @@ class UndoRun:
             if self.cfg.loop.distill == "logits":
                 model = train_tokenized(model, self.distilled_seqs(k), config, mesh=self.mesh, checkpoint_dir=ckpt,
                                         log_path=log_path)
+            elif self.cfg.loop.distill == "on_policy":
+                from undo_jax.train.on_policy import OnPolicyTeacher
+
+                seqs = self.distilled_seqs(k)
+                # The teacher stays beside the student for the whole stage: it scores every on-policy step.
+                teacher = OnPolicyTeacher(self.load_logit_teacher(k), self.tokenizer, self.cfg.loop.kd_top_k,
+                                          batch_size=self.cfg.eval.batch_size)
+                model = train_tokenized(model, seqs, config, mesh=self.mesh, checkpoint_dir=ckpt, log_path=log_path,
+                                        on_policy=teacher)
+                del teacher
             else:
                 model = train(model, self.tokenizer, examples, config, mesh=self.mesh, checkpoint_dir=ckpt,
                               log_path=log_path)
@@ -390,7 +411,7 @@ class UndoRun:
     def student_stages(self, k: int) -> list[Stage]:
         train = [Stage(k, "train", lambda: self.stage_train(k)),
                  Stage(k, "prune_state", lambda: self.stage_prune_state(k))] if k > 0 else []
-        if k > 0 and self.cfg.loop.distill == "logits":
+        if k > 0 and self.cfg.loop.distill in ("logits", "on_policy"):
             train.insert(0, Stage(k, "teacher_logits", lambda: self.stage_teacher_logits(k)))
         return [*train, Stage(k, "eval_val", lambda: self.stage_eval(k, "validation")),
                 Stage(k, "eval_test", lambda: self.stage_eval(k, "test"))]

@@ -109,12 +109,16 @@ def teacher_quality_lines(rd: RunDir) -> list[str]:
 
 
 def _distillation_line(flags: dict[str, Any]) -> str:
-    if flags.get("distill", "rationales") != "logits":
+    distill = flags.get("distill", "rationales")
+    if distill not in ("logits", "on_policy"):
         return "- distillation: rationales (SFT on the teacher's text)"
+    on_policy = (f"; on-policy on {flags.get('on_policy_fraction')} of the steps (student samples at T "
+                 f"{flags.get('on_policy_temperature')}, up to {flags.get('on_policy_max_new_tokens')} tokens)"
+                 if distill == "on_policy" else "")
     return (f"- distillation: rationales + logits of `{flags.get('logit_teacher') or flags.get('teacher_model')}` "
             f"(top-{flags.get('kd_top_k')}, {flags.get('kd_divergence')}"
             f"{' beta ' + str(flags.get('kd_beta')) if flags.get('kd_divergence') == 'jsd' else ''}, "
-            f"alpha {flags.get('kd_alpha')}, T {flags.get('kd_temperature')})")
+            f"alpha {flags.get('kd_alpha')}, T {flags.get('kd_temperature')}{on_policy})")
 
 
 def render(rd: RunDir, flags: dict[str, Any], metrics: list[dict[str, Any]], baseline: list[dict[str, Any]] | None,
