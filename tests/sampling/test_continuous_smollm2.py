@@ -1,8 +1,13 @@
-"""Continuous batching on the real SmolLM2-135M-Instruct: 128 real chat prompts x 256 tokens, natural stops."""
+"""Continuous batching on the real SmolLM2-135M-Instruct: real chat prompts x 256 tokens, natural stops.
+
+CI runs 64 prompts (32 SVAMP + 32 GSM8K) to stay inside its time budget; `UNDO_CONTINUOUS_PROMPTS=128` runs the
+issue's full 128 (64 + 64), measured identical in BUILD_NOTES (issue 16).
+"""
 
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -11,14 +16,16 @@ from undo_jax.models import load_pretrained, load_tokenizer
 from undo_jax.sampling import generate
 from undo_jax.sampling.generate import render_prompts
 
-pytestmark = pytest.mark.slow  # two passes of 128 x 256 tokens through a 135M model: minutes on 2 cores
+pytestmark = pytest.mark.slow  # two passes of N x 256 tokens through a 135M model: minutes on 2 cores
+PROMPTS = int(os.environ.get("UNDO_CONTINUOUS_PROMPTS", "64"))
 
 NEAR_TIE = 1e-4
 
 
 def _prompts(shared_data) -> list:
-    svamp = [json.loads(line) for line in (shared_data / "svamp" / "svamp.jsonl").read_text().splitlines()[:64]]
-    gsm8k = [json.loads(line) for line in (shared_data / "gsm8k" / "test.jsonl").read_text().splitlines()[:64]]
+    half = PROMPTS // 2
+    svamp = [json.loads(line) for line in (shared_data / "svamp" / "svamp.jsonl").read_text().splitlines()[:half]]
+    gsm8k = [json.loads(line) for line in (shared_data / "gsm8k" / "test.jsonl").read_text().splitlines()[:half]]
     questions = [f"{r['Body']} {r['Question']}" for r in svamp] + [r["question"] for r in gsm8k]
     return [[{"role": "user", "content": q}] for q in questions]
 
@@ -34,14 +41,14 @@ def test_continuous_equals_static_on_smollm2(smollm2_gguf, shared_data):
     model = load_pretrained(smollm2_gguf, dtype="float32")
     tokenizer = load_tokenizer(smollm2_gguf)
     prompts = _prompts(shared_data)
-    assert len(prompts) == 128
+    assert len(prompts) == 2 * (PROMPTS // 2)
     kw = dict(max_new_tokens=256, batch_size=32)
     static_stats, cont_stats = {}, {}
     static = generate(model, tokenizer, prompts, stats=static_stats, **kw)
     cont = generate(model, tokenizer, prompts, engine="continuous", stats=cont_stats, **kw)
     prompt_ids = render_prompts(tokenizer, prompts)
     lengths = [len(c[0].token_ids) for c in static]
-    assert min(lengths) < 100 and sum(c[0].finish_reason == "eos" for c in static) > 64  # natural stops
+    assert min(lengths) < 100 and sum(c[0].finish_reason == "eos" for c in static) > len(prompts) // 2  # natural stops
     unexplained = []
     for i, (s, c) in enumerate(zip(static, cont, strict=True)):
         a, b = s[0].token_ids, c[0].token_ids
