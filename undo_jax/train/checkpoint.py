@@ -21,6 +21,8 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from undo_jax.models.lora import trainable_filter
+
 STATE_SUBDIR = "state"
 EPOCHS_SUBDIR = "epochs"
 PARAMS_SUBDIR = "params"
@@ -128,7 +130,7 @@ def save_params(params, directory: str | os.PathLike, meta: dict, *, overwrite: 
 
 def save_model_checkpoint(model: nnx.Module, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write the model's parameters (only) to `directory` with Orbax; returns the directory."""
-    params = nnx.state(model, nnx.Param).to_pure_dict()
+    params = nnx.state(model, trainable_filter(model)).to_pure_dict()
     return save_params(params, directory, _model_meta(model, params), overwrite=overwrite)
 
 
@@ -151,10 +153,11 @@ def restore_model(model_template: nnx.Module, directory: str | os.PathLike) -> n
     """Load params saved by `save_model_checkpoint` or `train` (latest step) into the template, in place.
 
     The template fixes structure, dtypes and shardings (build it with the right config, shard it
-    first to restore straight onto a mesh). Returns the template for chaining.
+    first to restore straight onto a mesh). A LoRA template (its base loaded) takes the adapters only.
+    Returns the template for chaining.
     """
     directory = Path(directory).absolute()
-    params = nnx.state(model_template, nnx.Param).to_pure_dict()
+    params = nnx.state(model_template, trainable_filter(model_template)).to_pure_dict()
     expected = param_shapes(params)
     kind, source, step = _find_params_source(directory)
     if kind == "params":
