@@ -144,7 +144,7 @@ class QuantizedWeight(nnx.Module):
             self.codes = QuantizedArray(jnp.round(w / scale).astype(jnp.int8), logical_axes=tuple(logical_axes))
             self.scale = QuantizedArray(scale, logical_axes=tuple(logical_axes))
         elif kind == "nf4":
-            codes, absmax = jax.vmap(_nf4_quantize)(w)
+            codes, absmax = jax.lax.map(_nf4_quantize, w)  # layer by layer: bounded temporaries
             self.codes = QuantizedArray(codes, logical_axes=("layers", None, None))
             self.scale = QuantizedArray(absmax, logical_axes=("layers", None))
         else:
