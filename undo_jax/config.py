@@ -23,7 +23,7 @@ DTYPES = ("float32", "bfloat16")
 ATTENTION_BACKENDS = ("auto", "reference", "chunked", "xla", "tpu", "tpu_interpret")
 # Symbolic student names usable in flag files (resolved by `resolve_student`).
 SMOLLM2_ALIASES = ("smollm2-gguf", "@smollm2")
-# undo_jax.models.lora.TARGETS / BASE_DTYPES (kept here so that the config imports without JAX; a test keeps them equal).
+# undo_jax.models.lora.TARGETS / BASE_DTYPES (here so that the config imports without JAX; a test keeps them equal).
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 LORA_BASE_DTYPES = ("float32", "bfloat16", "int8", "nf4")
 DEMO_DATA = "demo"
