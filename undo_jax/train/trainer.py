@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from undo_jax.models.lora import base_fingerprint, lora_settings_of, trainable_filter
+from undo_jax.models.lora import trainable_filter
 from undo_jax.sharding import (
     batch_row_multiple,
     batch_sharding,
@@ -36,6 +36,7 @@ from undo_jax.train.checkpoint import (
     CheckpointMismatchError,
     TrainCheckpointer,
     abstract_like,
+    base_pointer,
     check_shapes,
     epoch_params_dir,
     param_shapes,
@@ -205,14 +206,6 @@ def functional_view(model: nnx.Module, compute_dtype: str, mesh):
     params_sh = param_shardings(params_state, mesh).to_pure_dict()
     frozen_sh = param_shardings(frozen_state, mesh).to_pure_dict()
     return graphdef, params_state.to_pure_dict(), frozen_state.to_pure_dict(), params_sh, frozen_sh
-
-
-def base_pointer(model: nnx.Module, base_source: str | None) -> dict | None:
-    """What a LoRA checkpoint records of the base it was trained on (None for full fine-tuning)."""
-    settings = lora_settings_of(model)
-    if settings is None:
-        return None
-    return {"source": base_source, "fingerprint": base_fingerprint(model), "lora": settings.to_dict()}
 
 
 # ---------------------------------------------------------------- the trainer

@@ -381,7 +381,8 @@ class UndoRun:
                 continue
             if not distributed.primary_decides((ckpt / PARAMS_SUBDIR).is_dir()):
                 model = self._model if self._model_iter == j else self.load_iteration(j)
-                save_model_checkpoint(model, ckpt)  # every process takes part (Orbax writes sharded arrays)
+                # Every process takes part (Orbax writes sharded arrays).
+                save_model_checkpoint(model, ckpt, base_source=self.cfg.student.source)
             distributed.sync(f"undo-prune-{j}")
             if self.primary:
                 shutil.rmtree(ckpt / STATE_SUBDIR)
