@@ -99,7 +99,8 @@ def test_quantised_base_logits_within_stated_tolerance(base_dtype):
     np.testing.assert_allclose(logits, dense, rtol=0, atol=1e-5)
 
 
-def _hf_logits(path, ids, adapter=None):
+def hf_logits(path, ids, adapter=None):
+    """transformers float32 logits of a HF folder (with a PEFT adapter folder on top)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -124,7 +125,7 @@ def test_merged_and_peft_exports_load_with_equal_logits(tmp_path):
     assert np.abs(ours - np.asarray(logits_of(base, IDS))).max() > 1e-3  # the adapters matter
 
     save_pretrained(merged_model(model), tmp_path / "merged")
-    np.testing.assert_allclose(_hf_logits(tmp_path / "merged", IDS), ours, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(hf_logits(tmp_path / "merged", IDS), ours, rtol=0, atol=1e-4)
     # The merged tensors are W + scale * B A in torch's layout, from the PEFT tensors of the same adapters.
     save_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base"))
     merged, w, ab = (SafetensorsFile(str(tmp_path / p)) for p in
@@ -134,7 +135,7 @@ def test_merged_and_peft_exports_load_with_equal_logits(tmp_path):
         delta = (ab[pre + ".lora_B.weight"] @ ab[pre + ".lora_A.weight"] * 2.0 if pre + ".lora_A.weight" in ab.keys()
                  else 0.0)
         np.testing.assert_allclose(merged[name + ".weight"], w[name + ".weight"] + delta, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(_hf_logits(tmp_path / "base", IDS, adapter=tmp_path / "adapter"), ours, rtol=0,
+    np.testing.assert_allclose(hf_logits(tmp_path / "base", IDS, adapter=tmp_path / "adapter"), ours, rtol=0,
                                atol=1e-4)
     with pytest.raises(FileExistsError, match="refusing to overwrite"):
         save_peft_adapter(model, tmp_path / "adapter")

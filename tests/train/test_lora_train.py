@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +16,15 @@ import pytest
 from flax import nnx
 
 from tests.train.helpers import tiny_model
-from tests.train.test_resume import CONFIG, REPO_ROOT, assert_bit_identical, flat_params, make_seqs, one_device
+from tests.train.test_resume import (
+    CONFIG,
+    KILLED_RUN,
+    REPO_ROOT,
+    assert_bit_identical,
+    flat_params,
+    make_seqs,
+    one_device,
+)
 from undo_jax.models import lora
 from undo_jax.models.lora import LoRASettings, apply_lora
 from undo_jax.models.peft_io import adapter_tensors
@@ -141,32 +148,14 @@ def test_only_adapters_change_on_a_mesh(tmp_path):
                         make_seqs(count=16), config, mesh=mesh, checkpoint_dir=tmp_path / "ckpt")
 
 
-KILLED_LORA_RUN = textwrap.dedent("""
-    import os, signal, sys, time
-    sys.path.insert(0, {root!r})
-    from tests.train.test_resume import CONFIG, make_seqs, one_device
-    from tests.train.test_lora_train import lora_student
-    from undo_jax.train import train_tokenized
-
-    def die(epoch, model):
-        if epoch == 2:
-            while not os.path.isdir(os.path.join({ckpt!r}, "state", "5")):
-                time.sleep(0.05)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    train_tokenized(lora_student(), make_seqs(), CONFIG, mesh=one_device(), checkpoint_dir={ckpt!r},
-                    log_path={log!r}, epoch_end_callback=die)
-    raise SystemExit("not killed")
-""")
-
-
 @pytest.mark.slow
 def test_killed_qlora_run_resumes_bit_identical(tmp_path):
     """The resume harness of tests/train/test_resume.py on an NF4 QLoRA student (SIGKILL after step 10)."""
     expected = flat_params(train_tokenized(lora_student(), make_seqs(), CONFIG, mesh=one_device(),
                                            checkpoint_dir=tmp_path / "straight"))
     ckpt, log_path = tmp_path / "ckpt", tmp_path / "log.jsonl"
-    script = KILLED_LORA_RUN.format(root=str(REPO_ROOT), ckpt=str(ckpt), log=str(log_path))
+    script = KILLED_RUN.format(root=str(REPO_ROOT), ckpt=str(ckpt), log=str(log_path),
+                               factory_module="tests.train.test_lora_train", factory="lora_student")
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=dict(os.environ), capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == -9, proc.stderr[-2000:]

@@ -8,21 +8,9 @@ import json
 import numpy as np
 import pytest
 
+from tests.models.test_lora import hf_logits
 from tests.undo.conftest import tiny_config
 from undo_jax.undo import RunDir, load_student, run
-
-
-def _torch_logits(path, ids, adapter=None):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    if adapter is not None:
-        from peft import PeftModel
-
-        hf = PeftModel.from_pretrained(hf, adapter)
-    with torch.no_grad():
-        return hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()
 
 
 def test_qlora_student_trains_evaluates_and_exports(tiny_student, tmp_path):
@@ -49,7 +37,7 @@ def test_qlora_student_trains_evaluates_and_exports(tiny_student, tmp_path):
         assert has_lora(model) and lora_settings_of(model).base_dtype == "int8"
         assert np.abs(ours - np.asarray(load_student(str(tiny_student))[0](ids))).max() > 1e-4  # it learned
     # The merged export is exactly the QLoRA student (its dequantised base plus the adapters).
-    np.testing.assert_allclose(_torch_logits(run_dir / "final", ids), ours, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(hf_logits(run_dir / "final", ids), ours, rtol=0, atol=1e-4)
     # The PEFT folder goes onto the full-precision base: equal up to the int8 rounding of the base.
-    peft_logits = _torch_logits(tiny_student, ids, adapter=run_dir / "final" / "peft_adapter")
+    peft_logits = hf_logits(tiny_student, ids, adapter=run_dir / "final" / "peft_adapter")
     assert np.abs(peft_logits - ours).max() <= 0.01 * np.abs(ours).max()

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import jax
 import numpy as np
@@ -61,20 +59,8 @@ def save_peft_adapter(model, out_dir, *, base_model_name_or_path: str | None = N
     """Write a PEFT adapter folder for a LoRA model; like `save_pretrained`, never over an existing folder."""
     if lora_settings_of(model) is None:
         raise ValueError("--export_peft: the student has no LoRA adapters (set --lora_rank > 0)")
-    out_dir = os.fspath(out_dir)
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise FileExistsError(f"{out_dir}: exists and is not empty; refusing to overwrite an adapter")
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-peft-")
-    try:
+    with safetensors_io.staged_dir(out_dir, what="PEFT adapter") as tmp:
         safetensors_io.write_file(os.path.join(tmp, ADAPTER_WEIGHTS), adapter_tensors(model), {"format": "pt"})
         with open(os.path.join(tmp, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
             json.dump(adapter_config(model, base_model_name_or_path), f, indent=2)
-        if os.path.isdir(out_dir):
-            os.rmdir(out_dir)  # empty, checked above
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return os.fspath(out_dir)
