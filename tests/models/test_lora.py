@@ -35,9 +35,7 @@ def lora_model(seed=1, *, base_dtype="float32", rank=4, alpha=8.0, targets=tuple
 
 def test_zero_initialised_adapters_leave_logits_bit_identical():
     base = np.asarray(logits_of(tiny_model(seed=1), IDS))
-    for targets in (tuple(lora.TARGETS), ("q", "v")):
-        model = lora_model(targets=targets)
-        assert np.array_equal(np.asarray(logits_of(model, IDS)), base)
+    assert np.array_equal(np.asarray(logits_of(lora_model(), IDS)), base)  # a subset of targets: the export test
     # The decode path (what the sampler runs) too.
     @nnx.jit
     def prefill(model, ids):
