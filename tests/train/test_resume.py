@@ -58,7 +58,7 @@ KILLED_RUN = textwrap.dedent("""
     import os, signal, sys, time
     sys.path.insert(0, {root!r})
     from tests.train.test_resume import CONFIG, make_seqs, one_device
-    from tests.train.helpers import tiny_model
+    from {factory_module} import {factory}
     from undo_jax.train import train_tokenized
 
     def die(epoch, model):
@@ -67,7 +67,7 @@ KILLED_RUN = textwrap.dedent("""
                 time.sleep(0.05)
             os.kill(os.getpid(), signal.SIGKILL)
 
-    train_tokenized(tiny_model(seed=9), make_seqs(), CONFIG, mesh=one_device(), checkpoint_dir={ckpt!r},
+    train_tokenized({factory}(seed=9), make_seqs(), CONFIG, mesh=one_device(), checkpoint_dir={ckpt!r},
                     log_path={log!r}, epoch_end_callback=die)
     raise SystemExit("not killed")
 """)
@@ -107,7 +107,8 @@ def test_interrupted_run_resumes_bit_identical(straight, tmp_path):
 def test_killed_run_resumes_bit_identical(straight, tmp_path):
     expected, straight_ckpt, straight_log = straight
     ckpt, log_path = tmp_path / "ckpt", tmp_path / "log.jsonl"
-    script = KILLED_RUN.format(root=str(REPO_ROOT), ckpt=str(ckpt), log=str(log_path))
+    script = KILLED_RUN.format(root=str(REPO_ROOT), ckpt=str(ckpt), log=str(log_path),
+                               factory_module="tests.train.helpers", factory="tiny_model")
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=dict(os.environ), capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == -9, proc.stderr[-2000:]

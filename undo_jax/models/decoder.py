@@ -25,6 +25,7 @@ from flax import nnx
 
 from undo_jax.models.attention import attention, check_backend
 from undo_jax.models.config import ModelConfig
+from undo_jax.models.lora import project
 
 _INIT_STD = 0.02
 # jax.checkpoint policies by name; "none" = no remat (every activation saved).
@@ -130,9 +131,9 @@ class DecoderLayer(nnx.Module):
     def qkv(self, x, cos, sin):
         """x [B, T, D] (already normed) -> q [B, T, H, Dh], k and v [B, KV, T, Dh] (the cache layout)."""
         dt, a = self.dtype, self.self_attn
-        q = jnp.einsum("btd,dnh->btnh", x, a["q_proj"][...].astype(dt))
-        k = jnp.einsum("btd,dnh->btnh", x, a["k_proj"][...].astype(dt))
-        v = jnp.einsum("btd,dnh->btnh", x, a["v_proj"][...].astype(dt))
+        q = project(a, "q_proj", "btd,dnh->btnh", x, dt)
+        k = project(a, "k_proj", "btd,dnh->btnh", x, dt)
+        v = project(a, "v_proj", "btd,dnh->btnh", x, dt)
         if self.has_bias:
             q = q + a["q_bias"][...].astype(dt)
             k = k + a["k_bias"][...].astype(dt)
@@ -145,11 +146,11 @@ class DecoderLayer(nnx.Module):
     def finish(self, x, attn):
         """Residual stream after the attention output attn [B, T, H, Dh] and the MLP."""
         dt, m = self.dtype, self.mlp
-        x = x + jnp.einsum("btnh,nhd->btd", attn, self.self_attn["o_proj"][...].astype(dt))
+        x = x + project(self.self_attn, "o_proj", "btnh,nhd->btd", attn, dt)
         h = self.post_attention_layernorm(x)
-        gate = h @ m["gate_proj"][...].astype(dt)
-        up = h @ m["up_proj"][...].astype(dt)
-        return x + (jax.nn.silu(gate) * up) @ m["down_proj"][...].astype(dt)
+        gate = project(m, "gate_proj", "btd,df->btf", h, dt)
+        up = project(m, "up_proj", "btd,df->btf", h, dt)
+        return x + project(m, "down_proj", "btf,fd->btd", jax.nn.silu(gate) * up, dt)
 
 
 class KVCache(NamedTuple):

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import jax.numpy as jnp
 import numpy as np
@@ -114,13 +112,7 @@ def save_pretrained(model: CausalLM, out_dir, tokenizer=None, *, dtype=None, max
     Written into a temporary sibling folder and renamed into place at the end: `out_dir` is
     never left half-written, and an existing non-empty `out_dir` is refused.
     """
-    out_dir = os.fspath(out_dir)
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise FileExistsError(f"{out_dir}: exists and is not empty; refusing to overwrite a checkpoint")
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-export-")
-    try:
+    with safetensors_io.staged_dir(out_dir) as tmp:
         np_dtype = None if dtype is None else np.dtype(as_dtype(dtype))
         dtype_name = str(np_dtype or np.dtype(model.param_dtype))
         shards: list[dict[str, np.ndarray]] = [{}]
@@ -148,13 +140,7 @@ def save_pretrained(model: CausalLM, out_dir, tokenizer=None, *, dtype=None, max
             json.dump(model.config.to_hf_dict(dtype=dtype_name), f, indent=2)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if os.path.isdir(out_dir):
-            os.rmdir(out_dir)  # empty, checked above
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return os.fspath(out_dir)
 
 
 def load_tokenizer(source):

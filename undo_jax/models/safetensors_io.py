@@ -7,8 +7,10 @@ tensor at a time to its device placement and never holds the model twice in host
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import struct
 import tempfile
 
@@ -74,6 +76,26 @@ class SafetensorsFile:
         # One map per tensor, not one per file: its pages leave the process's RSS as soon as the caller
         # drops the array, so a tensor-by-tensor loader never has the whole file resident next to the model.
         return np.memmap(self.path, dtype=dtype, mode="r", offset=self._start + begin, shape=shape)
+
+
+@contextlib.contextmanager
+def staged_dir(out_dir, *, what: str = "checkpoint"):
+    """Yield a temporary sibling folder of `out_dir` to write into, renamed to `out_dir` when the block ends
+    without error (removed otherwise): `out_dir` is never left half-written; a non-empty one is refused."""
+    out_dir = os.fspath(out_dir)
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise FileExistsError(f"{out_dir}: exists and is not empty; refusing to overwrite a {what}")
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-export-")
+    try:
+        yield tmp
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)  # empty, checked above
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def write_file(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:

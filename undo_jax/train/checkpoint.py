@@ -21,6 +21,8 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from undo_jax.models.lora import base_fingerprint, lora_settings_of, trainable_filter
+
 STATE_SUBDIR = "state"
 EPOCHS_SUBDIR = "epochs"
 PARAMS_SUBDIR = "params"
@@ -101,9 +103,21 @@ def epoch_params_dir(checkpoint_dir: str | os.PathLike, epoch: int) -> Path:
 
 
 # ---------------------------------------------------------------- params-only snapshots
-def _model_meta(model, params) -> dict:
+def base_pointer(model: nnx.Module, base_source: str | None) -> dict | None:
+    """What a LoRA checkpoint (adapters only) records of its base: source, fingerprint, LoRA settings; None for a
+    model without adapters."""
+    settings = lora_settings_of(model)
+    if settings is None:
+        return None
+    return {"source": base_source, "fingerprint": base_fingerprint(model), "lora": settings.to_dict()}
+
+
+def _model_meta(model, params, base_source: str | None) -> dict:
     config = getattr(model, "config", None)
     meta = {"param_shapes": param_shapes(params)}
+    base = base_pointer(model, base_source)
+    if base is not None:
+        meta["base"] = base
     if config is not None and dataclasses.is_dataclass(config):
         meta["model_config"] = config.to_hf_dict() if hasattr(config, "to_hf_dict") else dataclasses.asdict(config)
     return meta
@@ -126,10 +140,12 @@ def save_params(params, directory: str | os.PathLike, meta: dict, *, overwrite: 
     return directory
 
 
-def save_model_checkpoint(model: nnx.Module, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write the model's parameters (only) to `directory` with Orbax; returns the directory."""
-    params = nnx.state(model, nnx.Param).to_pure_dict()
-    return save_params(params, directory, _model_meta(model, params), overwrite=overwrite)
+def save_model_checkpoint(model: nnx.Module, directory: str | os.PathLike, *, overwrite: bool = False,
+                          base_source: str | None = None) -> Path:
+    """Write the model's parameters (only; of a LoRA model its adapters, with a pointer to the base) to `directory`
+    with Orbax; returns the directory."""
+    params = nnx.state(model, trainable_filter(model)).to_pure_dict()
+    return save_params(params, directory, _model_meta(model, params, base_source), overwrite=overwrite)
 
 
 def _find_params_source(directory: Path) -> tuple[str, Path | TrainCheckpointer, int | None]:
@@ -151,10 +167,11 @@ def restore_model(model_template: nnx.Module, directory: str | os.PathLike) -> n
     """Load params saved by `save_model_checkpoint` or `train` (latest step) into the template, in place.
 
     The template fixes structure, dtypes and shardings (build it with the right config, shard it
-    first to restore straight onto a mesh). Returns the template for chaining.
+    first to restore straight onto a mesh). A LoRA template (its base loaded) takes the adapters only.
+    Returns the template for chaining.
     """
     directory = Path(directory).absolute()
-    params = nnx.state(model_template, nnx.Param).to_pure_dict()
+    params = nnx.state(model_template, trainable_filter(model_template)).to_pure_dict()
     expected = param_shapes(params)
     kind, source, step = _find_params_source(directory)
     if kind == "params":

@@ -111,12 +111,13 @@ def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTrans
 def make_step_functions(graphdef, tx: optax.GradientTransformation, schedule, config: TrainConfig):
     """Pure functions (not yet jitted): first_grads, add_grads, apply_update, single_step.
 
-    State is {"params", "opt_state", "step"}; an accumulator is {"grads", "loss_sum", "count"}.
+    State is {"params", "opt_state", "step"}; an accumulator is {"grads", "loss_sum", "count"}. `frozen`
+    (optional, last argument) is the untrained rest of the model (a LoRA model's base), merged in as is.
     """
 
-    def grads_of(params, batch):
+    def grads_of(params, batch, frozen):
         def loss_fn(p):
-            model = nnx.merge(graphdef, p)
+            model = nnx.merge(graphdef, p) if frozen is None else nnx.merge(graphdef, p, frozen)
             remat = config.remat and config.remat_policy  # False, or the policy name
             if "top_ids" in batch:  # logit distillation: CE on the rationale plus the teacher divergence
                 from undo_jax.train.distill_loss import distill_loss_sum
@@ -131,11 +132,11 @@ def make_step_functions(graphdef, tx: optax.GradientTransformation, schedule, co
         (loss_sum, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return {"grads": grads, "loss_sum": loss_sum, "count": count}
 
-    def first_grads(params, batch):
-        return grads_of(params, batch)
+    def first_grads(params, batch, frozen=None):
+        return grads_of(params, batch, frozen)
 
-    def add_grads(params, acc, batch):
-        return jax.tree.map(jnp.add, acc, grads_of(params, batch))
+    def add_grads(params, acc, batch, frozen=None):
+        return jax.tree.map(jnp.add, acc, grads_of(params, batch, frozen))
 
     def apply_update(state, acc):
         count = jnp.maximum(acc["count"], 1.0)
@@ -147,7 +148,7 @@ def make_step_functions(graphdef, tx: optax.GradientTransformation, schedule, co
                    "lr": schedule(state["step"])}
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
-    def single_step(state, batch):
-        return apply_update(state, grads_of(state["params"], batch))
+    def single_step(state, batch, frozen=None):
+        return apply_update(state, grads_of(state["params"], batch, frozen))
 
     return first_grads, add_grads, apply_update, single_step

@@ -22,6 +22,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from undo_jax.models.lora import trainable_filter
 from undo_jax.sharding import (
     batch_row_multiple,
     batch_sharding,
@@ -35,6 +36,7 @@ from undo_jax.train.checkpoint import (
     CheckpointMismatchError,
     TrainCheckpointer,
     abstract_like,
+    base_pointer,
     check_shapes,
     epoch_params_dir,
     param_shapes,
@@ -78,14 +80,15 @@ def place_batch(batch: data_lib.MicroBatch, sharding: NamedSharding) -> dict[str
             for k, v in batch.arrays().items()}
 
 
-def compute_graphdef(model: nnx.Module, compute_dtype: str):
-    """The model's graph with every module's `dtype` (compute dtype) set; params are not copied."""
+def compute_graphdef(model: nnx.Module, compute_dtype: str, trainable=nnx.Param):
+    """(graphdef, trainable state, rest) of the model with every module's `dtype` (compute dtype) set; params are
+    not copied. `trainable`: the variable filter the optimizer sees (a LoRA model's: `nnx.LoRAParam`)."""
     graphdef, state = nnx.split(model)
     abstract = nnx.merge(graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state))
     for _, module in nnx.iter_modules(abstract):
         if hasattr(module, "dtype"):
             module.dtype = jnp.dtype(compute_dtype)
-    return nnx.split(abstract, nnx.Param, ...)
+    return nnx.split(abstract, trainable, ...)
 
 
 def optimizer_state_shardings(opt_shapes, params_struct, params_sh, mesh):
@@ -151,19 +154,18 @@ _PROGRAM_CACHE: collections.OrderedDict = collections.OrderedDict()
 _PROGRAM_CACHE_SIZE = 4
 
 
-def _step_programs(graphdef, config: TrainConfig, total_steps: int, mesh, params_host, *, distill: bool = False
-                   ) -> _StepPrograms:
+def _step_programs(graphdef, config: TrainConfig, total_steps: int, mesh, params_host, params_sh, frozen_sh, *,
+                   distill: bool = False) -> _StepPrograms:
     """The jitted step functions for one (model graph, config, schedule length, mesh).
 
     Cached, so calling `train` again with the same setup (a resume, the next epoch block, a test)
     reuses the compiled executables instead of compiling again.
     """
     shapes = tuple((k, tuple(v)) for k, v in sorted(param_shapes(params_host).items()))
-    key = (graphdef, config.trajectory_dict().__repr__(), total_steps, mesh, shapes, distill)
+    key = (graphdef, config.trajectory_dict().__repr__(), total_steps, mesh, shapes, repr(frozen_sh), distill)
     if key in _PROGRAM_CACHE:
         _PROGRAM_CACHE.move_to_end(key)
         return _PROGRAM_CACHE[key]
-    params_sh = param_shardings(params_host_state(graphdef, params_host), mesh).to_pure_dict()
     rep = replicated(mesh)
     tx = make_optimizer(config, total_steps)
     schedule = learning_rate_schedule(config, total_steps)
@@ -176,11 +178,13 @@ def _step_programs(graphdef, config: TrainConfig, total_steps: int, mesh, params
     mb_sh = dict.fromkeys(BATCH_KEYS + (TEACHER_KEYS if distill else ()), batch_sh)
     programs = _StepPrograms(
         tx=tx, params_sh=params_sh, opt_sh=opt_sh, opt_shapes=opt_shapes, batch_sh=batch_sh,
-        first=jax.jit(first_grads, in_shardings=(params_sh, mb_sh), out_shardings=acc_sh),
-        add=jax.jit(add_grads, in_shardings=(params_sh, acc_sh, mb_sh), out_shardings=acc_sh, donate_argnums=1),
+        first=jax.jit(first_grads, in_shardings=(params_sh, mb_sh, frozen_sh), out_shardings=acc_sh),
+        add=jax.jit(add_grads, in_shardings=(params_sh, acc_sh, mb_sh, frozen_sh), out_shardings=acc_sh,
+                    donate_argnums=1),
         # The accumulator is not donated: it has one param-sized tree more than the outputs could reuse.
         apply=jax.jit(apply_update, in_shardings=(state_sh, acc_sh), out_shardings=(state_sh, rep), donate_argnums=0),
-        single=jax.jit(single_step, in_shardings=(state_sh, mb_sh), out_shardings=(state_sh, rep), donate_argnums=0),
+        single=jax.jit(single_step, in_shardings=(state_sh, mb_sh, frozen_sh), out_shardings=(state_sh, rep),
+                       donate_argnums=0),
     )
     _PROGRAM_CACHE[key] = programs
     while len(_PROGRAM_CACHE) > _PROGRAM_CACHE_SIZE:
@@ -188,10 +192,21 @@ def _step_programs(graphdef, config: TrainConfig, total_steps: int, mesh, params
     return programs
 
 
-def params_host_state(graphdef, params_host) -> nnx.State:
-    """The Param state (with `logical_axes` metadata) of a pure params dict, for `param_shardings`."""
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params_host)
-    return nnx.state(nnx.merge(graphdef, abstract), nnx.Param)
+def functional_view(model: nnx.Module, compute_dtype: str, mesh):
+    """(graphdef, trainable params, frozen rest, their shardings on `mesh`) of a model, as pure dicts.
+
+    Trainable: every Param, or a LoRA model's adapters only; the rest (a LoRA base, quantised or not) is
+    passed to the step functions as an argument, never differentiated, never in the optimizer state.
+    """
+    trainable = trainable_filter(model)
+    graphdef, _, _ = compute_graphdef(model, compute_dtype, trainable)
+    _, params_state, frozen_state = nnx.split(model, trainable, ...)
+    if trainable is nnx.Param and jax.tree.leaves(frozen_state):
+        raise ValueError("train: the model holds non-Param state (e.g. batch statistics); only Param models are "
+                         "supported")
+    params_sh = param_shardings(params_state, mesh).to_pure_dict()
+    frozen_sh = param_shardings(frozen_state, mesh).to_pure_dict()
+    return graphdef, params_state.to_pure_dict(), frozen_state.to_pure_dict(), params_sh, frozen_sh
 
 
 def trajectory_settings(config: TrainConfig, on_policy: bool) -> dict:
@@ -214,6 +229,7 @@ def train(
     checkpoint_dir: str | os.PathLike | None = None,
     log_path: str | os.PathLike | None = None,
     epoch_end_callback: EpochCallback | None = None,
+    base_source: str | None = None,
 ) -> nnx.Module:
     """Fine-tune `model` in place on completion tokens and return it (params float32, placed on `mesh`).
 
@@ -221,6 +237,8 @@ def train(
     trajectory settings; anything else is a clear error), and calling again after completion just
     loads the final params. `epoch_end_callback(epoch, model_copy)` runs after each epoch trained in
     this call (not for epochs finished before a resume: use `save_epoch_params` snapshots for those).
+    A LoRA model (`undo_jax.models.lora.apply_lora`) trains its adapters only; its checkpoints hold them and a
+    pointer to the base (`base_source`, recorded as given, and a fingerprint checked on resume).
     """
     examples = list(examples)
     if not examples:
@@ -233,7 +251,7 @@ def train(
         raise ValueError(f"train: all {len(examples)} examples were skipped: every prompt exceeds "
                          f"max_length={config.max_length}")
     return train_tokenized(model, seqs, config, mesh=mesh, checkpoint_dir=checkpoint_dir, log_path=log_path,
-                           epoch_end_callback=epoch_end_callback, skipped=len(skipped))
+                           epoch_end_callback=epoch_end_callback, skipped=len(skipped), base_source=base_source)
 
 
 def train_tokenized(
@@ -247,6 +265,7 @@ def train_tokenized(
     epoch_end_callback: EpochCallback | None = None,
     skipped: int = 0,
     on_policy: OnPolicyTeacher | None = None,
+    base_source: str | None = None,
 ) -> nnx.Module:
     """`train` on already tokenized examples (ids + completion start).
 
@@ -267,16 +286,13 @@ def train_tokenized(
     data_fingerprint = data_lib.fingerprint(seqs)
 
     # ---- functional view of the model
-    graphdef, _, rest = compute_graphdef(model, config.compute_dtype)
-    params_host = nnx.state(model, nnx.Param).to_pure_dict()
+    graphdef, params_host, frozen_host, params_sh, frozen_sh = functional_view(model, config.compute_dtype, mesh)
     shapes = param_shapes(params_host)
-    if jax.tree.leaves(rest):
-        raise ValueError("train: the model holds non-Param state (e.g. batch statistics); only Param models are "
-                         "supported")
     distill = seqs[0].teacher is not None  # logit distillation (data._fill checks every example agrees)
-    steps = _step_programs(graphdef, config, total_steps, mesh, params_host, distill=distill)
-    tx, params_sh, opt_sh, batch_sh = steps.tx, steps.params_sh, steps.opt_sh, steps.batch_sh
+    steps = _step_programs(graphdef, config, total_steps, mesh, params_host, params_sh, frozen_sh, distill=distill)
+    tx, opt_sh, batch_sh = steps.tx, steps.opt_sh, steps.batch_sh
     rep = replicated(mesh)
+    frozen = jax.device_put(frozen_host, frozen_sh)  # no copy when the base already lives there
 
     # ---- initial or restored state
     def fresh_state():
@@ -287,6 +303,9 @@ def train_tokenized(
 
     run_meta = {"data_fingerprint": data_fingerprint, "num_examples": len(seqs),
                 "trajectory": trajectory_settings(config, on_policy is not None), "param_shapes": shapes}
+    base = base_pointer(model, base_source)
+    if base is not None:
+        run_meta["base"] = base
     ckpt = TrainCheckpointer(checkpoint_dir, config.keep) if checkpoint_dir is not None else None
     start = 0
     try:
@@ -300,6 +319,11 @@ def train_tokenized(
                     f"checkpoint at {where} was written for other training data ({meta['num_examples']} examples, "
                     f"fingerprint {meta['data_fingerprint'][:12]}) than this call ({len(seqs)} examples, "
                     f"{data_fingerprint[:12]}): use another checkpoint_dir"
+                )
+            if base is not None and meta.get("base", {}).get("fingerprint") != base["fingerprint"]:
+                raise CheckpointMismatchError(
+                    f"checkpoint at {where} holds LoRA adapters trained on another base model (recorded base: "
+                    f"{meta.get('base', {}).get('source')!r}): load that base or use another checkpoint_dir"
                 )
             if meta["trajectory"] != run_meta["trajectory"]:
                 now = run_meta["trajectory"]
@@ -353,11 +377,11 @@ def train_tokenized(
                 batches = data_lib.step_micro_batches(step_seqs, config, row_multiple)
                 placed = [place_batch(b, batch_sh) for b in batches]
                 if len(placed) == 1:
-                    state, metrics = steps.single(state, placed[0])
+                    state, metrics = steps.single(state, placed[0], frozen)
                 else:
-                    acc = steps.first(state["params"], placed[0])
+                    acc = steps.first(state["params"], placed[0], frozen)
                     for mb in placed[1:]:
-                        acc = steps.add(state["params"], acc, mb)
+                        acc = steps.add(state["params"], acc, mb, frozen)
                     state, metrics = steps.apply(state, acc)
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 elapsed = time.perf_counter() - t0
@@ -385,8 +409,10 @@ def train_tokenized(
                     if config.save_epoch_params and checkpoint_dir is not None:
                         target = epoch_params_dir(checkpoint_dir, epoch)
                         if not (target / "params").exists():
-                            save_params(state["params"], target, {"param_shapes": shapes, "epoch": epoch, "step": done},
-                                        overwrite=False)
+                            snapshot_meta = {"param_shapes": shapes, "epoch": epoch, "step": done}
+                            if base is not None:
+                                snapshot_meta["base"] = base
+                            save_params(state["params"], target, snapshot_meta, overwrite=False)
                     if epoch_end_callback is not None:
                         epoch_end_callback(epoch, snapshot_model(state["params"]))
                 if ckpt is not None and (epoch_end or done == total_steps
@@ -413,20 +439,18 @@ def completion_loss(model: nnx.Module, tokenizer, examples: Sequence[Example], c
         raise ValueError("completion_loss: no examples to score")
     mesh = make_mesh() if mesh is None else mesh
     row_multiple = batch_row_multiple(mesh)
-    graphdef, _, _ = compute_graphdef(model, config.compute_dtype)
-    params = nnx.state(model, nnx.Param).to_pure_dict()
-    params_sh = param_shardings(params_host_state(graphdef, params), mesh).to_pure_dict()
+    graphdef, params, frozen, params_sh, frozen_sh = functional_view(model, config.compute_dtype, mesh)
     batch_sh = batch_sharding(mesh)
 
-    def loss_sum(p, batch):
-        return completion_loss_sum(nnx.merge(graphdef, p), batch, chunk=config.loss_chunk)
+    def loss_sum(p, f, batch):
+        return completion_loss_sum(nnx.merge(graphdef, p, f), batch, chunk=config.loss_chunk)
 
-    fn = jax.jit(loss_sum, in_shardings=(params_sh, dict.fromkeys(BATCH_KEYS, batch_sh)))
-    params = jax.device_put(params, params_sh)
+    fn = jax.jit(loss_sum, in_shardings=(params_sh, frozen_sh, dict.fromkeys(BATCH_KEYS, batch_sh)))
+    params, frozen = jax.device_put(params, params_sh), jax.device_put(frozen, frozen_sh)
     total, count = 0.0, 0.0
     for first in range(0, len(seqs), config.batch_size):
         for batch in data_lib.step_micro_batches(seqs[first: first + config.batch_size], config, row_multiple):
-            s, c = fn(params, place_batch(batch, batch_sh))
+            s, c = fn(params, frozen, place_batch(batch, batch_sh))
             total, count = total + float(s), count + float(c)
     return {"loss": total / count, "completion_tokens": int(count), "examples": len(seqs),
             "skipped_overlong": len(skipped)}

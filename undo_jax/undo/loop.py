@@ -206,7 +206,8 @@ class UndoRun:
     # ----- student stages ----------------------------------------------------------------------------------
     def base_model(self):
         return load_model(self.cfg.student.source, param_dtype=self.cfg.student.param_dtype, mesh=self.mesh,
-                          attention=self.cfg.student.attention)
+                          attention=self.cfg.student.attention, lora=self.cfg.student.lora_settings(),
+                          seed=self.cfg.train.seed)
 
     def model_of(self, k: int):
         """The student after iteration k (0 = base), reusing the one in memory when it matches."""
@@ -325,7 +326,7 @@ class UndoRun:
             log_path = self.rd.iter_dir(k) / "train_log.jsonl"
             if self.cfg.loop.distill == "logits":
                 model = train_tokenized(model, self.distilled_seqs(k), config, mesh=self.mesh, checkpoint_dir=ckpt,
-                                        log_path=log_path)
+                                        log_path=log_path, base_source=self.cfg.student.source)
             elif self.cfg.loop.distill == "on_policy":
                 from undo_jax.train.on_policy import OnPolicyTeacher
 
@@ -334,11 +335,11 @@ class UndoRun:
                 teacher = OnPolicyTeacher(self.load_logit_teacher(k), self.tokenizer, self.cfg.loop.kd_top_k,
                                           batch_size=self.cfg.eval.batch_size)
                 model = train_tokenized(model, seqs, config, mesh=self.mesh, checkpoint_dir=ckpt, log_path=log_path,
-                                        on_policy=teacher)
+                                        on_policy=teacher, base_source=self.cfg.student.source)
                 del teacher
             else:
                 model = train(model, self.tokenizer, examples, config, mesh=self.mesh, checkpoint_dir=ckpt,
-                              log_path=log_path)
+                              log_path=log_path, base_source=self.cfg.student.source)
         except OSError as e:
             if e.errno != errno.ENOSPC:
                 raise
@@ -401,7 +402,8 @@ class UndoRun:
                 continue
             if not distributed.primary_decides((ckpt / PARAMS_SUBDIR).is_dir()):
                 model = self._model if self._model_iter == j else self.load_iteration(j)
-                save_model_checkpoint(model, ckpt)  # every process takes part (Orbax writes sharded arrays)
+                # Every process takes part (Orbax writes sharded arrays).
+                save_model_checkpoint(model, ckpt, base_source=self.cfg.student.source)
             distributed.sync(f"undo-prune-{j}")
             if self.primary:
                 shutil.rmtree(ckpt / STATE_SUBDIR)
@@ -443,6 +445,8 @@ class UndoRun:
         import json
 
         from undo_jax.models import save_pretrained
+        from undo_jax.models.lora import merged_model
+        from undo_jax.models.peft_io import save_peft_adapter
 
         final = self.rd.final_dir
         info_path = final / "undo_export.json"
@@ -454,7 +458,10 @@ class UndoRun:
         if self.primary:
             if final.exists():  # an export of another iteration (or one cut short): keep it aside, never delete
                 os.replace(final, final.with_name(f"final.replaced-{time.strftime('%Y%m%d-%H%M%S')}"))
-            save_pretrained(model, final, tokenizer=self.tokenizer)
+            # A LoRA student exports merged (base + scale * A B) and, by flag, as a PEFT adapter folder too.
+            save_pretrained(merged_model(model), final, tokenizer=self.tokenizer)
+            if self.cfg.output.export_peft:
+                save_peft_adapter(model, final / "peft_adapter", base_model_name_or_path=self.cfg.student.source)
             atomic_write_json(info_path, {"iteration": best, "student": self.cfg.student.source,
                                           "mode": self.cfg.loop.mode})
         distributed.sync("undo-export")

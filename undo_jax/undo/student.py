@@ -31,21 +31,47 @@ def run_iteration_dir(source: str) -> tuple[Path, int] | None:
     return None
 
 
+def _run_identity(run_root: Path) -> dict:
+    return json.loads((run_root / "identity.json").read_text(encoding="utf-8"))
+
+
 def run_base_student(run_root: Path) -> str:
-    identity = json.loads((run_root / "identity.json").read_text(encoding="utf-8"))
-    return str(identity["student"])
+    return str(_run_identity(run_root)["student"])
 
 
-def load_model(source: str, *, param_dtype: str = "float32", mesh=None, attention: str = "auto"):
-    """A CausalLM from a student source (not a run iteration)."""
+def run_lora_settings(run_root: Path):
+    """The LoRA settings a run trained its student with (None: full fine-tuning, or a run from before LoRA)."""
+    from undo_jax.config import StudentConfig
+
+    identity = _run_identity(run_root)
+    defaults = StudentConfig()
+    keys = ("lora_rank", "lora_alpha", "lora_targets", "lora_base_dtype")
+    return StudentConfig(**{k: identity.get(k, getattr(defaults, k)) for k in keys}).lora_settings()
+
+
+def load_model(source: str, *, param_dtype: str = "float32", mesh=None, attention: str = "auto", lora=None,
+               seed: int = 0):
+    """A CausalLM from a student source (not a run iteration); with `lora` (LoRASettings), adapters added."""
     from undo_jax.models import load_pretrained
+    from undo_jax.models.lora import apply_lora
 
     resolved = resolve_student(source)
     try:
         # With a mesh each tensor goes straight to its sharded placement (never the whole model twice on host).
-        return load_pretrained(resolved, dtype=param_dtype, mesh=mesh, attention=attention)
+        model = load_pretrained(resolved, dtype=param_dtype, mesh=mesh, attention=attention)
     except (OSError, ValueError, KeyError) as e:
         raise StudentError(f"{source}: cannot load the student ({type(e).__name__}: {one_line(e)})") from None
+    if lora is None:
+        return model
+    try:
+        apply_lora(model, lora, seed=seed)
+    except ValueError as e:
+        raise StudentError(f"{source}: {one_line(e)}") from None
+    if mesh is not None:
+        from undo_jax.sharding import shard_model
+
+        shard_model(model, mesh)  # the new adapters and quantised weights onto their placements
+    return model
 
 
 def load_tokenizer(source: str):
@@ -77,7 +103,8 @@ def load_student(source: str, *, param_dtype: str = "float32", mesh=None, attent
         return load_model(source, param_dtype=param_dtype, mesh=mesh, attention=attention), load_tokenizer(source)
     root, k = run
     base = run_base_student(root)
-    model = load_model(base, param_dtype=param_dtype, mesh=mesh, attention=attention)
+    model = load_model(base, param_dtype=param_dtype, mesh=mesh, attention=attention,
+                       lora=run_lora_settings(root) if k > 0 else None)
     if k > 0:
         restore_into(model, root / f"iter_{k}" / "checkpoint")
     return model, load_tokenizer(base)
