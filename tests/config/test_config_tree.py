@@ -52,7 +52,7 @@ def everything_changed(tmp_path: Path) -> dict:
     values.update(run_dir=str(tmp_path / "run"), data_source=str(tmp_path), batch_size=12, micro_batch=3,
                   mesh_data=-1, mesh_fsdp=2, mesh_tensor=2, task="gsm8k", teacher="openai", mode="undo",
                   teacher_thinking_budget=None, baseline_run=str(tmp_path), maj_k=3, eval_temperature=0.5,
-                  lora_targets="q,v")
+                  lora_targets="q,v", distill="on_policy")  # on_policy: the --on_policy_* flags apply
     (tmp_path / "prev").mkdir()
     (tmp_path / "prev" / "data.jsonl").write_text("")
     values["teacher_data_from"] = str(tmp_path / "prev")
