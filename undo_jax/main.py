@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from undo_jax.preflight import PreflightError, check_run
 
     try:
-        check_run(cfg)
+        deferred = check_run(cfg, dry_run="dry_run" in command.actions)
     except PreflightError as e:
         return fail(PROG, e)
     start_process()
@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
             from undo_jax.undo.plan import print_plan
 
             print_plan(undo_run)
+            for problem in deferred:
+                print(f"note: the run itself would stop here: {problem}")
             return 0
         start_logging()
         state = undo_run.run()

@@ -191,11 +191,18 @@ def check_run_dir(cfg: RunConfig) -> None:
         raise PreflightError(problem)
 
 
-def check_run(cfg: RunConfig) -> None:
-    """Everything `main` can check without JAX, before it writes anything (PreflightError: one line)."""
+def check_run(cfg: RunConfig, *, dry_run: bool = False) -> list[str]:
+    """Everything `main` can check without JAX, before it writes anything (PreflightError: one line). With
+    `dry_run`, a teacher problem (no SDK, no key) is returned instead: a plan needs neither."""
     resolve_data_source(cfg.task.data_source)
     check_model_source("student", str(cfg.student.source))
-    check_teacher(cfg)
+    deferred = []
+    try:
+        check_teacher(cfg)
+    except PreflightError as e:
+        if not dry_run:
+            raise
+        deferred.append(str(e))
     if cfg.output.tensorboard and importlib.util.find_spec("tensorboardX") is None:
         raise PreflightError("--tensorboard needs the tensorboardX package (pip install tensorboardX) or "
                              "--notensorboard")
@@ -207,6 +214,7 @@ def check_run(cfg: RunConfig) -> None:
             raise PreflightError(f"--push_to_hub={cfg.output.push_to_hub}: no hub token; set HF_TOKEN or run "
                                  f"`huggingface-cli login`")
     check_run_dir(cfg)
+    return deferred
 
 
 def check_eval(cfg) -> None:

@@ -23,7 +23,7 @@ from undo_jax.config import RunConfig, identity_defaults
 from undo_jax.configtree import to_flag_lines, to_json
 from undo_jax.errors import one_line
 from undo_jax.undo.convergence import best_iteration, stop_reason
-from undo_jax.undo.data_plan import Stage, choose_data_plan, ledger_delta, merge_usage
+from undo_jax.undo.data_plan import Stage, choose_data_plan, ledger_delta, merge_usage, student_stage_names
 from undo_jax.undo.prepare import UndoError, load_splits, make_run_mesh
 from undo_jax.undo.rundir import RunDir, RunLock, atomic_write_json, atomic_write_jsonl, read_jsonl
 from undo_jax.undo.student import (
@@ -399,12 +399,10 @@ class UndoRun:
         return {"pruned": pruned}
 
     def student_stages(self, k: int) -> list[Stage]:
-        train = [Stage(k, "train", lambda: self.stage_train(k)),
-                 Stage(k, "prune_state", lambda: self.stage_prune_state(k))] if k > 0 else []
-        if k > 0 and self.cfg.loop.distill == "logits":
-            train.insert(0, Stage(k, "teacher_logits", lambda: self.stage_teacher_logits(k)))
-        return [*train, Stage(k, "eval_val", lambda: self.stage_eval(k, "validation")),
-                Stage(k, "eval_test", lambda: self.stage_eval(k, "test"))]
+        fns = {"teacher_logits": lambda: self.stage_teacher_logits(k), "train": lambda: self.stage_train(k),
+               "prune_state": lambda: self.stage_prune_state(k),
+               "eval_val": lambda: self.stage_eval(k, "validation"), "eval_test": lambda: self.stage_eval(k, "test")}
+        return [Stage(k, name, fns[name]) for name in student_stage_names(self.cfg.loop, k)]
 
     # ----- metrics, export, report -------------------------------------------------------------------------
     def metrics(self) -> list[dict[str, Any]]:
