@@ -3,6 +3,7 @@ was killed mid-stage, on one whose holder is alive (lock held) and on one that s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -105,3 +106,29 @@ def test_status_of_a_run_that_stopped_on_an_error(undo_run, tmp_path):
     out = render(str(run_dir))
     assert "on an error in stage 2:gaps: iteration 2: degenerate gap report" in out
     assert row(out, 2)["gaps"] == "failed"
+
+
+def test_evaluate_from_run_takes_the_runs_data_and_generation_settings(undo_run):
+    """`evaluate --from_run=RUN`: the run's task part, student settings and evaluation settings (config.json),
+    its best iteration's student; a flag of those parts that changes results is refused in one line."""
+    import pytest
+
+    from undo_jax.config import EvalCommand, RunConfig
+    from undo_jax.configtree import ConfigError, from_json
+    from undo_jax.flags import parse_command
+
+    run_dir = undo_run[0]
+    run_cfg = from_json(RunConfig, json.loads((run_dir / "config.json").read_text()))
+    best = json.loads((run_dir / "state.json").read_text())["best_iteration"]
+    cfg = parse_command(EvalCommand, ["prog", f"--from_run={run_dir}", "--eval_batch_size=3"]).cfg
+    assert cfg.task == run_cfg.task and cfg.task.data_source == "demo" and cfg.task.test_size == 16
+    assert cfg.eval == dataclasses.replace(run_cfg.eval, batch_size=3)  # bookkeeping flags may differ
+    assert cfg.student.source == str(run_dir / f"iter_{best}")
+    assert cfg.output.eval_out.endswith(f"undo-iter_{best}-svamp-test.jsonl")
+    base = parse_command(EvalCommand, ["prog", f"--from_run={run_dir}", "--iteration=0", "--split=validation"]).cfg
+    assert base.student == run_cfg.student and base.output.split == "validation"
+    for flag in ("--max_new_tokens=64", "--task=gsm8k", "--student=x", "--val_size=3"):
+        with pytest.raises(ConfigError, match=f"^{flag.split('=')[0]}: comes from --from_run="):
+            parse_command(EvalCommand, ["prog", f"--from_run={run_dir}", flag])
+    with pytest.raises(ConfigError, match="^--iteration: 7: .* has not finished training"):
+        parse_command(EvalCommand, ["prog", f"--from_run={run_dir}", "--iteration=7"])
