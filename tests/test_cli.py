@@ -115,7 +115,7 @@ def test_bad_input_is_one_line_naming_the_flag_and_writes_nothing(tmp_path):
         ("main", ["--teacher_batch_api"], "--teacher_batch_api: applies to --teacher=gemini only", "run", {}),
         ("main", ["--teacher=local"], "--teacher_model: is required with --teacher=local", "run", {}),
         ("main", ["--push_to_hub=org/name"], "--push_to_hub=org/name: no hub token", "run",
-         {"HF_TOKEN": "", "HF_HOME": str(tmp_path / "hf_home")}),
+         {"HF_TOKEN": "", "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "0"}),
         ("main", [f"--run_dir={blocker / 'run'}"], f"{blocker} is a file, not a directory", None, {}),
         ("main", [f"--run_dir={held}"], "in use by another run", "held", {}),
         ("main", [f"--run_dir={finished}", "--lr=0.5"], "was run with --lr=1e-05, now --lr=0.5", "finished", {}),

@@ -11,7 +11,8 @@ class HubError(RuntimeError):
     """An upload that failed (message: one line naming the repo)."""
 
 
-def push_folder(folder: str | os.PathLike, repo_id: str, *, extra: Iterable[str | os.PathLike] = ()) -> str:
+def push_folder(folder: str | os.PathLike, repo_id: str, *, extra: Iterable[str | os.PathLike] = (),
+                endpoint: str | None = None) -> str:
     """Create `repo_id` (private) if needed and commit `folder`'s files plus `extra` files in one commit; the
     commit URL. The endpoint is HF_ENDPOINT's (the public hub by default), the token HF_TOKEN's or the login's."""
     from huggingface_hub import CommitOperationAdd, HfApi
@@ -21,7 +22,7 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, extra: Iterable[str 
     operations = [CommitOperationAdd(path_in_repo=str(p.relative_to(folder)), path_or_fileobj=str(p)) for p in files]
     operations += [CommitOperationAdd(path_in_repo=Path(p).name, path_or_fileobj=str(p)) for p in extra
                    if Path(p).is_file()]
-    api = HfApi()
+    api = HfApi(endpoint=endpoint)
     try:
         api.create_repo(repo_id, private=True, exist_ok=True)
         info = api.create_commit(repo_id, operations, commit_message=f"undo_jax: {folder.parent.name}/final")

@@ -208,8 +208,10 @@ def check_run(cfg: RunConfig, *, dry_run: bool = False) -> list[str]:
                              "--notensorboard")
     if cfg.output.push_to_hub:
         check_module("push_to_hub", "huggingface_hub", "--push_to_hub")
-        from huggingface_hub import get_token
+        from huggingface_hub import constants, get_token
 
+        if constants.is_offline_mode():
+            raise PreflightError(f"--push_to_hub={cfg.output.push_to_hub}: HF_HUB_OFFLINE is set; unset it to upload")
         if not get_token():
             raise PreflightError(f"--push_to_hub={cfg.output.push_to_hub}: no hub token; set HF_TOKEN or run "
                                  f"`huggingface-cli login`")

@@ -132,3 +132,32 @@ def test_evaluate_from_run_takes_the_runs_data_and_generation_settings(undo_run)
             parse_command(EvalCommand, ["prog", f"--from_run={run_dir}", flag])
     with pytest.raises(ConfigError, match="^--iteration: 7: .* has not finished training"):
         parse_command(EvalCommand, ["prog", f"--from_run={run_dir}", "--iteration=7"])
+
+
+def test_push_to_hub_uploads_final_to_a_loopback_hub(undo_run, tmp_path, monkeypatch):
+    """--push_to_hub on a finished run (re-running it resumes past every stage, then pushes final/ and report.md)
+    against a local stub of the hub's create/preupload/commit endpoints."""
+    import dataclasses
+
+    from huggingface_hub import constants
+
+    from undo_jax.config import RunConfig
+    from undo_jax.configtree import from_json
+    from undo_jax.testing.hub_stub import HubStub
+    from undo_jax.undo import UndoRun
+
+    run_dir = copy_run(undo_run, tmp_path)
+    cfg = from_json(RunConfig, json.loads((run_dir / "config.json").read_text()))
+    cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, run_dir=str(run_dir),
+                                                              push_to_hub="me/undo-student"))
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    with HubStub("hf_test_token") as hub:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the suite runs offline; this hub is loopback
+        UndoRun(cfg, teacher=undo_run[1]).run()
+    files = hub.repos["me/undo-student"]
+    final = run_dir / "final"
+    assert {p.name for p in final.iterdir() if p.is_file()} | {"report.md"} == set(files)
+    assert files["config.json"] == (final / "config.json").read_bytes()
+    assert files["report.md"] == (run_dir / "report.md").read_bytes()
+    assert hub.private["me/undo-student"]
