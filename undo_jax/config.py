@@ -173,6 +173,8 @@ class EvalOutputConfig:
     split: str = setting("test", "The split to score.", choices=("train", "validation", "test"))
     eval_out: str | None = setting(None, "Output file (.jsonl; default runs/evaluations/<student>-<task>-<split>"
                                          ".jsonl); the summary goes beside it as .summary.json.")
+    progress_every: int = setting(50, "When stderr is not a terminal: a plain progress line every N questions "
+                                      "(0: none).", min=0, identity=False)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from undo_jax.config import EvalCommand
 from undo_jax.flags import fail, parse_or_exit, start_logging, start_process
+from undo_jax.progress import configure as configure_progress
 
 PROG = "undo_jax.evaluate"
 DESCRIPTION = ("Score a student on a task split (--from_run=RUN: a run's student on the run's own data and "
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     from undo_jax.undo import RunDirError, StudentError, UndoError
 
     try:
-        summary = evaluate(cfg, progress=sys.stderr.isatty())
+        configure_progress(cfg.output.progress_every)
+        summary = evaluate(cfg, progress=True)
     except (UndoError, StudentError, RunDirError, TaskDataError, OSError) as e:
         return fail(PROG, e)
     if distributed.is_primary():

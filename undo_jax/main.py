@@ -15,6 +15,7 @@ import sys
 
 from undo_jax.config import RunConfig
 from undo_jax.flags import fail, parse_command, parse_or_exit, start_logging, start_process
+from undo_jax.progress import configure as configure_progress
 
 PROG = "undo_jax.main"
 DESCRIPTION = "Run (or resume) UNDO or standard distillation; re-running the same command resumes the run."
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     from undo_jax.undo import RunDirError, StudentError, UndoError, UndoRun
 
     try:
-        undo_run = UndoRun(cfg, progress=sys.stderr.isatty())
+        configure_progress(cfg.output.progress_every)
+        undo_run = UndoRun(cfg, progress=True)  # a bar on a terminal, else a plain line every --progress_every
         undo_run.check()
         if "dry_run" in command.actions:
             from undo_jax.undo.plan import print_plan

@@ -165,9 +165,9 @@ def compute_teacher_logits(teacher, examples: Mapping[str, TokenizedExample], st
         rows = -(-batch_size // split) * split
     bar = None
     if progress:
-        from tqdm import tqdm
+        from undo_jax.progress import progress_bar
 
-        bar = tqdm(total=len(todo), desc="teacher logits", unit="ex")
+        bar = progress_bar(len(todo), "teacher logits", unit="ex")
     for start in range(0, len(todo), batch_size):
         group = todo[start:start + batch_size]
         longest = max(len(examples[e]) for e in group)
