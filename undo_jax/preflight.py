@@ -157,8 +157,7 @@ def identity_change(run_dir: str | os.PathLike, identity: dict[str, Any], *,
         old = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         raise PreflightError(f"{path}: corrupt (not JSON); cannot check the flags of this run") from None
-    defaults = identity_defaults() if defaults is None else defaults
-    old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
+    old = {**{k: v for k, v in (defaults or {}).items() if k not in old}, **old}
     return [k for k in sorted(set(old) | set(identity)) if old.get(k) != identity.get(k)]
 
 
@@ -186,7 +185,8 @@ def check_run_dir(cfg: RunConfig) -> None:
     holder = lock_holder(cfg.run_dir)
     if holder is not None:
         raise PreflightError(lock_message(cfg.run_dir, holder))
-    problem = identity_problem(cfg.run_dir, cfg.identity(), allow_change=cfg.output.allow_flag_change)
+    problem = identity_problem(cfg.run_dir, cfg.identity(), allow_change=cfg.output.allow_flag_change,
+                               defaults=identity_defaults())
     if problem:
         raise PreflightError(problem)
 

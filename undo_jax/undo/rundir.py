@@ -125,9 +125,10 @@ class RunLock:
             self._write(self._record)
 
     def release(self, error: str | None = None) -> None:
-        """Unlock; the file is emptied, or keeps the holder's record with `error` (a run that stopped on one)."""
+        """Unlock; the file is emptied, or keeps the holder's record with `error` (a run that stopped on one in
+        a stage; a refusal before the first stage leaves the file as empty as it found it)."""
         if self._fd is not None:
-            if error is None:
+            if error is None or "stage" not in self._record:
                 os.ftruncate(self._fd, 0)
             else:
                 self._write({**self._record, "ended": time.strftime("%Y-%m-%d %H:%M:%S"), "error": error})
