@@ -216,6 +216,13 @@ def check_run(cfg: RunConfig, *, dry_run: bool = False) -> list[str]:
             raise PreflightError(f"--push_to_hub={cfg.output.push_to_hub}: no hub token; set HF_TOKEN or run "
                                  f"`huggingface-cli login`")
     check_run_dir(cfg)
+    cache = Path(cfg.run_dir) / "teacher_cache.sqlite"
+    if cache.is_file():
+        from undo_jax.teachers.cache import ResponseCache
+
+        problem = ResponseCache.problem(cache)
+        if problem:
+            raise PreflightError(problem)
     return deferred
 
 
