@@ -17,8 +17,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run(module: str, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+def run(module: str, *args: str, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "GEMINI_API_KEY": "", "GOOGLE_API_KEY": "", **env_vars}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, text=True, capture_output=True,
                           timeout=600)
 
@@ -35,7 +35,8 @@ def test_gsm8k_config_bad_mesh_then_dry_run_bounds_calls_and_cost(tmp_path, tiny
     run_dir = tmp_path / "gsm8k-undo"
     args = ["--flagfile=configs/gsm8k.cfg", f"--data_source={data}", f"--run_dir={run_dir}",
             f"--student={tiny_student}"]
-    bad = run("undo_jax.main", *args, "--mesh_data=3")  # 8 devices: 3 does not divide them
+    # A key (never used: nothing reaches the teacher) so that the cheap checks pass; 8 devices: 3 does not divide them.
+    bad = run("undo_jax.main", *args, "--mesh_data=3", GEMINI_API_KEY="unused")
     assert bad.returncode == 1
     assert len(bad.stderr.splitlines()) == 1, bad.stderr  # no log line or library warning before it
     assert bad.stderr.startswith("undo_jax.main: error: --mesh_data=3 ") and "8 cpu device(s)" in bad.stderr
