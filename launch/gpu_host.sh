@@ -9,7 +9,8 @@ usage() {
 Usage: launch/gpu_host.sh COMMAND [options]
 
 Commands:
-  setup   make a venv with jax[cuda12] and this checkout installed (editable)
+  setup   make a venv with jax[cuda12] and this checkout (editable, with the gemini extra, pinned by
+          constraints.txt)
   run     run undo_jax.main with the flag file; output goes to the terminal and the log file
   all     setup, then run
 
@@ -76,7 +77,8 @@ fi
 do_setup() {
   run "$PYTHON" -m venv "$VENV"
   run "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  run "$VENV/bin/python" -m pip install --quiet -e "$REPO_ROOT" "jax[cuda12]"
+  # The gemini extra (google-genai) is what the configs' teacher needs; the pins keep the tested versions.
+  run "$VENV/bin/python" -m pip install --quiet -e "${REPO_ROOT}[gemini]" "jax[cuda12]" -c "${REPO_ROOT}/constraints.txt"
 }
 
 do_run() {

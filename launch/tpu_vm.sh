@@ -10,7 +10,8 @@ Usage: launch/tpu_vm.sh COMMAND [options]
 
 Commands (each runs on every worker of the slice unless noted):
   create   create the TPU VM                      needs --name --zone --accelerator-type [--version]
-  install  ship HEAD of this checkout, make a Python 3.11 venv with jax[tpu] and the project
+  install  ship HEAD of this checkout, make a Python 3.11 venv with jax[tpu] and the project (gemini extra,
+           pinned by constraints.txt)
   run      copy the flag file (and env file), run undo_jax.main on all workers, stream worker logs
   logs     follow the log of one worker (--worker=N, default 0) of a running or finished run
   stop     stop the run on all workers
@@ -157,7 +158,8 @@ do_install() {
   on_all_workers "mkdir -p $REMOTE_REPO && tar -xzf $REMOTE_ARCHIVE -C $REMOTE_REPO \
 && python3 -m pip install --user --quiet --upgrade uv \
 && ~/.local/bin/uv venv --allow-existing --python $PYTHON_VERSION $REMOTE_VENV \
-&& ~/.local/bin/uv pip install --python $REMOTE_VENV/bin/python --quiet -e ./$REMOTE_REPO \"jax[tpu]\""
+&& ~/.local/bin/uv pip install --python $REMOTE_VENV/bin/python --quiet -e \"./${REMOTE_REPO}[gemini]\" \"jax[tpu]\" \
+-c ./$REMOTE_REPO/constraints.txt"
 }
 
 do_run() {

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from undo_jax.config import run_config
+from undo_jax.main import parse
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,41 +53,27 @@ def test_flags_round_trip_through_flags_txt():
     assert parse(["prog", *to_flag_lines(cfg)]) == cfg
 
 
-def test_missing_data_file(tmp_path):
-    proc = run_main(f"--run_dir={tmp_path / 'run'}", "--student=s", f"--data_source={tmp_path / 'nope.jsonl'}")
-    assert proc.returncode == 1
-    assert "nope.jsonl" in error_line(proc)
-    # The directory holds only the flags: the corrected command reuses it.
-    names = sorted(p.name for p in (tmp_path / "run").iterdir())
-    assert names == ["config.json", "flags.txt", "identity.json", "run.lock"]
-
-
-def test_gemini_without_api_key(tmp_path):
-    env = {"GEMINI_API_KEY": "", "GOOGLE_API_KEY": ""}
-    proc = run_main(f"--run_dir={tmp_path / 'run'}", "--student=s", "--data_source=demo", "--val_size=20",
-                    "--teacher=gemini", env=env)
-    assert proc.returncode == 1
-    assert "GEMINI_API_KEY" in error_line(proc)
-
-
-def test_unwritable_run_dir(tmp_path):
-    blocker = tmp_path / "file"
-    blocker.write_text("x")
-    proc = run_main(f"--run_dir={blocker / 'run'}", "--student=s", "--data_source=demo", "--val_size=20")
-    assert proc.returncode == 1
-    assert "not writable" in error_line(proc)
+# Bad data source, student, teacher key and run directory: tests/test_cli.py (one batch of subprocesses).
 
 
 def test_different_flags_on_an_existing_run_are_refused(tmp_path):
+    from undo_jax.undo.rundir import RunDir
+
     run_dir = tmp_path / "run"
-    args = [f"--run_dir={run_dir}", "--student=missing-student-dir", "--data_source=demo", "--val_size=20"]
-    first = run_main(*args)
-    assert first.returncode == 1 and "missing-student-dir" in error_line(first)
+    student = tmp_path / "student"
+    student.mkdir()
+    (student / "config.json").write_text("{}")
+    (student / "tokenizer.json").write_text("not a tokenizer")
+    args = [f"--run_dir={run_dir}", f"--student={student}", "--data_source=demo", "--val_size=20"]
+    rd = RunDir(run_dir)
+    rd.prepare(["--x"], parse(["prog", *args]).identity(), allow_change=False)
+    rd.mark_done(0, "eval_val", {})  # a finished stage: the directory holds a run of these flags
     second = run_main(*args, "--lr=0.5")
     assert second.returncode == 1
     assert "--lr" in error_line(second) and "--allow_flag_change" in error_line(second)
     third = run_main(*args, "--lr=0.5", "--allow_flag_change")
-    assert "--lr" not in error_line(third)  # accepted; fails later on the student, as it should
+    assert third.returncode == 1
+    assert "--lr" not in error_line(third) and "tokenizer" in error_line(third)  # accepted; fails on the student
 
 
 @pytest.mark.parametrize("alias", ["smollm2-gguf", "@smollm2"])

@@ -9,6 +9,7 @@ checks live in `validate` / `validate_eval`, run once on the whole tree. No absl
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from importlib import resources
 from typing import Any
@@ -43,6 +44,11 @@ class OutputConfig:
     tensorboard: bool = setting(True, "Write TensorBoard event files under RUN/tb/.", identity=False)
     export_peft: bool = setting(False, "With --lora_rank > 0: also write RUN/final/peft_adapter/ (a PEFT adapter "
                                        "folder for the base student) beside the merged export.", identity=False)
+    push_to_hub: str | None = setting(None, "When the run ends, upload final/ to this Hugging Face hub model repo "
+                                            "(org/name; created private if missing; token from HF_TOKEN).",
+                                      identity=False)
+    progress_every: int = setting(50, "When stderr is not a terminal: a plain progress line every N training steps "
+                                      "/ teacher requests / evaluation questions (0: none).", min=0, identity=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +106,8 @@ class TeacherConfig:
     price_input: float = setting(0.0, "USD per million teacher input tokens (cost ledger).", min=0, identity=False)
     price_output: float = setting(0.0, "USD per million teacher output tokens (cost ledger).", min=0,
                                   identity=False)
+    batch_api: bool = setting(False, "Gemini: send each stage's requests as one Batch API job (about half the price; "
+                                     "results take minutes to hours).", identity=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +198,16 @@ class EvalOutputConfig:
     split: str = setting("test", "The split to score.", choices=("train", "validation", "test"))
     eval_out: str | None = setting(None, "Output file (.jsonl; default runs/evaluations/<student>-<task>-<split>"
                                          ".jsonl); the summary goes beside it as .summary.json.")
+    progress_every: int = setting(50, "When stderr is not a terminal: a plain progress line every N questions "
+                                      "(0: none).", min=0, identity=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSourceConfig:
+    from_run: str | None = setting(None, "Evaluate a run's student with the run's own data source, split sizes, "
+                                         "prompts and generation settings (RUN/config.json).")
+    iteration: int | None = setting(None, "With --from_run: the iteration to score (0: the base student; default: "
+                                          "the run's best, else its latest trained one).", min=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +215,7 @@ class EvalCommand:
     """Everything `python -m undo_jax.evaluate` runs from."""
 
     output: EvalOutputConfig = section(EvalOutputConfig, title="output")
+    source: EvalSourceConfig = section(EvalSourceConfig, title="run to evaluate")
     task: TaskDataConfig = section(TaskDataConfig, title="task and data")
     student: StudentConfig = section(StudentConfig, title="student")
     mesh: MeshConfig = section(MeshConfig, title="device mesh", prefix="mesh_")
@@ -265,6 +284,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         _fail("teacher_model", f"is required with --teacher={te.backend} ({what})")
     if te.thinking_budget is not None and te.backend != "gemini":
         _fail("teacher_thinking_budget", f"applies to --teacher=gemini only, not --teacher={te.backend}")
+    if te.batch_api and te.backend != "gemini":
+        _fail("teacher_batch_api", f"applies to --teacher=gemini only, not --teacher={te.backend}")
+    if cfg.output.push_to_hub is not None and cfg.output.push_to_hub.count("/") != 1:
+        _fail("push_to_hub", f"{cfg.output.push_to_hub}: expected a hub repo id like org/name")
     if te.base_url and te.backend not in ("gemini", "openai"):
         _fail("teacher_base_url", f"applies to gemini/openai teachers only, not --teacher={te.backend}")
     if lp.mode == "standard" and lp.regenerate != "all":
@@ -286,6 +309,52 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.output.baseline_run is not None and not os.path.isdir(cfg.output.baseline_run):
         _fail("baseline_run", f"{cfg.output.baseline_run}: no such run directory")
     return cfg
+
+
+def run_best_iteration(run_dir: str) -> int:
+    """The iteration `evaluate --from_run` scores by default: the run's best, else its latest trained one."""
+    state = os.path.join(run_dir, "state.json")
+    if os.path.isfile(state):
+        with open(state, encoding="utf-8") as f:
+            return int(json.load(f)["best_iteration"])
+    trained = [int(name[5:]) for name in os.listdir(run_dir) if name.startswith("iter_") and name[5:].isdigit()
+               and os.path.isfile(os.path.join(run_dir, name, "train.DONE"))]
+    if not trained:
+        _fail("from_run", f"{run_dir}: no iteration has finished training yet (pass --iteration=0 for the base)")
+    return max(trained)
+
+
+def from_run(cfg: EvalCommand, present: frozenset[str] = frozenset()) -> EvalCommand:
+    """With --from_run: the run's task and data, student settings and evaluation settings (its config.json),
+    and its iteration's student. Flags of those parts given as well are refused (they would score another
+    set), except the bookkeeping ones (batch size, chunking, engine)."""
+    from undo_jax.configtree import from_json
+
+    run_dir = cfg.source.from_run
+    if run_dir is None:
+        if cfg.source.iteration is not None:
+            _fail("iteration", "applies with --from_run only")
+        return cfg
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        _fail("from_run", f"{run_dir}: no config.json there (not a run directory)")
+    with open(path, encoding="utf-8") as f:
+        try:
+            run = from_json(RunConfig, json.load(f))
+        except (json.JSONDecodeError, TypeError) as e:
+            _fail("from_run", f"{path}: unreadable ({e})")
+    taken = {leaf.flag for leaf in leaves(EvalCommand) if leaf.flag and leaf.path[0] in ("task", "student", "eval")}
+    for name in sorted(present & taken):
+        leaf = next(lf for lf in leaves(EvalCommand) if lf.flag == name)
+        if leaf.identity:
+            _fail(name, f"comes from --from_run={run_dir} (its config.json); drop it")
+    k = cfg.source.iteration if cfg.source.iteration is not None else run_best_iteration(run_dir)
+    if k > 0 and not os.path.isfile(os.path.join(run_dir, f"iter_{k}", "train.DONE")):
+        _fail("iteration", f"{k}: {run_dir}/iter_{k} has not finished training")
+    student = run.student if k == 0 else dataclasses.replace(run.student, source=os.path.join(run_dir, f"iter_{k}"))
+    keep = {leaf.flag: get(cfg, leaf.path) for leaf in leaves(EvalCommand) if leaf.flag in present & taken}
+    cfg = dataclasses.replace(cfg, task=run.task, student=student, eval=run.eval)
+    return build(EvalCommand, {**flat(cfg), **keep}) if keep else cfg
 
 
 def validate_eval(cfg: EvalCommand) -> EvalCommand:

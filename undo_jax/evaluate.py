@@ -14,10 +14,12 @@ import sys
 from pathlib import Path
 
 from undo_jax.config import EvalCommand
-from undo_jax.errors import one_line
-from undo_jax.flags import start_command
+from undo_jax.flags import fail, parse_or_exit, start_logging, start_process
+from undo_jax.progress import configure as configure_progress
 
 PROG = "undo_jax.evaluate"
+DESCRIPTION = ("Score a student on a task split (--from_run=RUN: a run's student on the run's own data and "
+               "generation settings).")
 
 
 def evaluate(cfg: EvalCommand, *, progress: bool = False) -> dict:
@@ -29,17 +31,20 @@ def evaluate(cfg: EvalCommand, *, progress: bool = False) -> dict:
 
     split = cfg.output.split
     out = Path(str(cfg.output.eval_out))
+    prepared = prepare(cfg.task, cfg.mesh, splits=(split,))
+    model, tokenizer = load_student(cfg.student.source, param_dtype=cfg.student.param_dtype, mesh=prepared.mesh,
+                                    attention=cfg.student.attention)
+    start_logging()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UndoError(f"--eval_out={out}: cannot create its folder ({e.strerror or e})") from None
-    prepared = prepare(cfg.task, cfg.mesh, splits=(split,))
-    model, tokenizer = load_student(cfg.student.source, param_dtype=cfg.student.param_dtype, mesh=prepared.mesh,
-                                    attention=cfg.student.attention)
     summary = evaluate_records(model, tokenizer, prepared.task, prepared.splits[split], cfg.eval, out,
                                mesh=prepared.mesh, progress=progress, write=distributed.is_primary())
     summary = {"student": cfg.student.source, "task": cfg.task.name, "split": split, "maj_k": cfg.eval.maj_k,
                "max_new_tokens": cfg.eval.max_new_tokens, **summary}
+    if cfg.source.from_run:
+        summary = {"from_run": cfg.source.from_run, **summary}
     if distributed.is_primary():
         atomic_write_json(out.with_name(out.name.removesuffix(".jsonl") + ".summary.json"), summary)
     return summary
@@ -48,18 +53,25 @@ def evaluate(cfg: EvalCommand, *, progress: bool = False) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     try:
-        cfg = start_command(EvalCommand, argv, PROG)
+        cfg = parse_or_exit(EvalCommand, argv, PROG, DESCRIPTION).cfg
     except SystemExit as e:
         return int(e.code or 0)
+    from undo_jax.preflight import PreflightError, check_eval
+
+    try:
+        check_eval(cfg)
+    except PreflightError as e:
+        return fail(PROG, e)
+    start_process()
     from undo_jax import distributed
     from undo_jax.tasks import TaskDataError
     from undo_jax.undo import RunDirError, StudentError, UndoError
 
     try:
-        summary = evaluate(cfg, progress=sys.stderr.isatty())
+        configure_progress(cfg.output.progress_every)
+        summary = evaluate(cfg, progress=True)
     except (UndoError, StudentError, RunDirError, TaskDataError, OSError) as e:
-        print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
-        return 1
+        return fail(PROG, e)
     if distributed.is_primary():
         print(json.dumps({k: v for k, v in summary.items() if k != "breakdown"}))
     return 0

@@ -91,7 +91,8 @@ def test_tpu_all_prints_the_whole_lifecycle(checkout, tmp_path):
     assert install[:6] == [*GCLOUD_TPU, "ssh", "my-tpu"] and "--worker=all" in install
     install_cmd = option(install, "command")
     assert "tar -xzf undo_jax.tar.gz -C undo_jax" in install_cmd
-    assert '-e ./undo_jax "jax[tpu]"' in install_cmd and "--python 3.11" in install_cmd
+    assert '-e "./undo_jax[gemini]" "jax[tpu]" -c ./undo_jax/constraints.txt' in install_cmd
+    assert "--python 3.11" in install_cmd
     assert copy_flags == [*GCLOUD_TPU, "scp", "configs/svamp.cfg", "my-tpu:undo_jax/configs/svamp.cfg", *where,
                           "--worker=all"]  # fmt: skip
     assert launch[:6] == [*GCLOUD_TPU, "ssh", "my-tpu"] and option(launch, "worker") == "all"
@@ -330,8 +331,8 @@ def test_gpu_all_prints_setup_and_run(checkout, tmp_path):
     make_venv, upgrade_pip, install, mkdir, main = commands
     assert make_venv == [sys.executable, "-m", "venv", "venv"]
     assert upgrade_pip == ["venv/bin/python", "-m", "pip", "install", "--quiet", "--upgrade", "pip"]
-    assert install == ["venv/bin/python", "-m", "pip", "install", "--quiet", "-e", str(checkout.resolve()),
-                       "jax[cuda12]"]  # fmt: skip
+    assert install == ["venv/bin/python", "-m", "pip", "install", "--quiet", "-e", f"{checkout.resolve()}[gemini]",
+                       "jax[cuda12]", "-c", f"{checkout.resolve()}/constraints.txt"]  # fmt: skip
     assert mkdir == ["mkdir", "-p", "logs"]
     assert main == [
         "env",

@@ -289,3 +289,20 @@ def test_bad_input_is_a_clear_error(monkeypatch):
             teacher.generate([req("x"), TeacherRequest([{"role": "system", "content": "s"}])])
         assert teacher.generate([req("x")])[0].texts == [reply_for("x")]  # GOOGLE_API_KEY works too
         teacher.close()
+
+
+@pytest.mark.parametrize("batch_api", [True, False])
+def test_teacher_batch_api_flag_reaches_the_gemini_batch_protocol(batch_api, monkeypatch, tmp_path):
+    """--teacher_batch_api (TeacherConfig.batch_api) through make_teacher: one Batch API job, or online calls."""
+    from undo_jax.config import TeacherConfig
+
+    monkeypatch.setenv("GEMINI_API_KEY", SECRET)
+    prompts = ["f0", "f1", "f2"]
+    with LoopbackServer("gemini", api_key=SECRET) as server:
+        config = TeacherConfig(backend="gemini", model="loop-model", base_url=server.base_url, batch_api=batch_api)
+        teacher = make_teacher(config, cache_path=str(tmp_path / "cache.sqlite"), batch_poll_interval=0.01)
+        out = teacher.generate([req(p) for p in prompts])
+        teacher.close()
+        stats = server.stats()
+    assert [r.texts for r in out] == [[reply_for(p)] for p in prompts]
+    assert stats["batches"] == (1 if batch_api else 0)

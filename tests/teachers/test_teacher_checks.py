@@ -134,8 +134,12 @@ def test_main_stops_on_an_unusable_cache_with_one_line(tmp_path):
     cache = run_dir / "teacher_cache.sqlite"
     cache.write_bytes(b"not sqlite " * 100)
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    student = tmp_path / "student"  # passes the cheap student check; the cache is checked before anything loads
+    student.mkdir()
+    (student / "config.json").write_text("{}")
+    (student / "tokenizer.json").write_text("{}")
     proc = subprocess.run(
-        [sys.executable, "-m", "undo_jax.main", f"--run_dir={run_dir}", "--student=unused", "--data_source=demo",
+        [sys.executable, "-m", "undo_jax.main", f"--run_dir={run_dir}", f"--student={student}", "--data_source=demo",
          "--val_size=8", "--teacher=openai", "--teacher_model=m", "--teacher_base_url=http://127.0.0.1:9/v1"],
         cwd=REPO, env=env, text=True, capture_output=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-2000:]

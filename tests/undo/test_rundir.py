@@ -44,6 +44,7 @@ def test_prepare_refuses_other_flags_unless_allowed(tmp_path):
     rd = RunDir(tmp_path / "run")
     assert rd.prepare(["--lr=0.1"], {"lr": 0.1}, allow_change=False) is False
     assert rd.prepare(["--lr=0.1"], {"lr": 0.1}, allow_change=False) is True
+    rd.mark_done(1, "data")  # a finished stage: from here on the identity flags must match
     with pytest.raises(RunDirError, match=r"--lr=0.1.*--lr=0.2.*--allow_flag_change") as e:
         rd.prepare(["--lr=0.2"], {"lr": 0.2}, allow_change=False)
     assert "\n" not in str(e.value)
@@ -51,6 +52,13 @@ def test_prepare_refuses_other_flags_unless_allowed(tmp_path):
     assert json.loads((rd.root / "identity.json").read_text()) == {"lr": 0.2}
     assert rd.flags_path.read_text() == "--lr=0.2\n"
     assert len(list(rd.root.glob("flags.*.txt"))) == 1  # the earlier flags are kept
+
+
+def test_a_run_dir_without_a_finished_stage_takes_other_flags(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    rd.prepare(["--data_source=/nonexistent"], {"data_source": "/nonexistent"}, allow_change=False)
+    assert rd.prepare(["--data_source=demo"], {"data_source": "demo"}, allow_change=False) is True
+    assert json.loads((rd.root / "identity.json").read_text()) == {"data_source": "demo"}
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")

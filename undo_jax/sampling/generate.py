@@ -18,10 +18,10 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from tqdm.auto import tqdm
 
 from undo_jax.chat import is_messages, render_prompt
 from undo_jax.models.decoder import KVCache
+from undo_jax.progress import progress_bar
 from undo_jax.sampling import continuous, engine
 from undo_jax.sampling import engine as static_engine
 from undo_jax.sampling.memory import check_fits
@@ -308,7 +308,7 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int, temperature: flo
         longest = max(prompt_bucket(n) for n in lengths)
         check_fits(config, batch=slots, prompt_len=longest, max_new_tokens=max_new_tokens, dtype=model.dtype,
                    devices=place.devices)
-        with tqdm(total=len(rows), desc="generate", disable=not progress, unit="row") as bar:
+        with progress_bar(len(rows), "generate", unit="row", enabled=progress) as bar:
             def done(r, ids, code):
                 results[r] = _completion(tokenizer, ids, code, stop)
                 bar.update(1)
@@ -338,7 +338,7 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int, temperature: flo
             for j, r in enumerate(batch.rows):
                 results[r] = _completion(tokenizer, tokens[j, : out_lengths[j]], int(finish[j]), stop)
 
-        with tqdm(total=len(rows), desc="generate", disable=not progress, unit="row") as bar:
+        with progress_bar(len(rows), "generate", unit="row", enabled=progress) as bar:
             for batch in batches:
                 b, p = batch.size, batch.prompt_len
                 input_ids = np.zeros((b, p), np.int32)

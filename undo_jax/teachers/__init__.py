@@ -24,6 +24,7 @@ def teacher_options(config) -> dict:
         options["base_url"] = config.base_url
     if config.backend == "gemini":
         options["thinking_budget"] = config.thinking_budget
+        options["batch_mode"] = config.batch_api
     elif config.api_key_env:
         options["api_key_env"] = config.api_key_env
     return options

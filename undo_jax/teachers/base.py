@@ -209,9 +209,9 @@ class AsyncAPITeacher(Teacher):
         limiter = RateLimiter(self.rpm, self.tpm)
         bar = None
         if progress:
-            from tqdm.auto import tqdm
+            from undo_jax.progress import progress_bar
 
-            bar = tqdm(total=len(units), desc=f"{self.backend}:{self.model}", unit="req")
+            bar = progress_bar(len(units), f"{self.backend}:{self.model}", unit="req")
 
         async def one(unit: Unit) -> None:
             async with sem:

@@ -42,6 +42,11 @@ def cache_key(backend: str, model: str, request: TeacherRequest, params: dict[st
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
+def unusable_message(path: str | os.PathLike, why: object) -> str:
+    return (f"{os.fspath(path)}: not a usable teacher cache ({why}); move it away to start a new one (the teacher "
+            f"is then asked again) or restore it")
+
+
 class ResponseCache:
     """Persistent map (key, sample_index) -> SampleResult, safe across threads and processes."""
 
@@ -53,8 +58,27 @@ class ResponseCache:
         try:
             self._conn = self._open()
         except sqlite3.DatabaseError as e:  # not SQLite, damaged, or another program's database
-            raise CacheError(f"{self.path}: not a usable teacher cache ({e}); move it away to start a new one "
-                             "(the teacher is then asked again) or restore it") from None
+            raise CacheError(unusable_message(self.path, e)) from None
+
+    @staticmethod
+    def problem(path: str | os.PathLike) -> str | None:
+        """Why the existing file `path` cannot be used as a cache (None: it can), read-only: nothing is written."""
+        try:
+            conn = sqlite3.connect(f"file:{os.fspath(path)}?mode=ro", uri=True)
+        except sqlite3.Error as e:
+            return unusable_message(path, e)
+        try:
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if "responses" in tables:
+                columns = [row[1] for row in conn.execute("PRAGMA table_info(responses)")]
+                if columns != list(RESPONSE_COLUMNS):
+                    return unusable_message(path, f"its responses table has columns {', '.join(columns)}")
+                conn.execute("SELECT COUNT(*) FROM responses").fetchone()
+        except sqlite3.DatabaseError as e:
+            return unusable_message(path, e)
+        finally:
+            conn.close()
+        return None
 
     def _open(self) -> sqlite3.Connection:
         # timeout: another process may hold the write lock for a moment (WAL allows one writer).

@@ -200,9 +200,9 @@ def compute_teacher_logits(teacher, examples: Mapping[str, TokenizedExample], st
                                  f"({teacher.config.vocab_size})")
     bar = None
     if progress:
-        from tqdm import tqdm
+        from undo_jax.progress import progress_bar
 
-        bar = tqdm(total=len(todo), desc="teacher logits", unit="ex")
+        bar = progress_bar(len(todo), "teacher logits", unit="ex")
     for group, targets in teacher_targets(teacher, [examples[e] for e in todo], store.k, batch_size=batch_size,
                                           mesh=mesh):
         store.write([(keys[todo[i]], t) for i, t in zip(group, targets, strict=True)])

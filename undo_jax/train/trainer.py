@@ -122,9 +122,9 @@ class _Progress:
     def __init__(self, enabled: bool, total: int, initial: int):
         self.bar = None
         if enabled:
-            from tqdm.auto import tqdm
+            from undo_jax.progress import progress_bar
 
-            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = progress_bar(total, "train", unit="step", initial=initial)
 
     def update(self, record: dict):
         if self.bar is not None:

@@ -1,20 +1,20 @@
-"""The UNDO loop: stages, run directory, resume, convergence, report (see docs/DESIGN.md)."""
+"""The UNDO loop: stages, run directory, resume, convergence, report (see docs/DESIGN.md).
 
-from undo_jax.undo.convergence import best_iteration, stop_reason
-from undo_jax.undo.loop import UndoError, UndoRun, run
-from undo_jax.undo.rundir import RunDir, RunDirError
-from undo_jax.undo.student import EvalSettings, StudentError, evaluate_records, load_student
+Names are imported on first use, so that `undo_jax.undo.rundir` or `undo_jax.status` do not pull in JAX.
+"""
 
-__all__ = [
-    "EvalSettings",
-    "RunDir",
-    "RunDirError",
-    "StudentError",
-    "UndoError",
-    "UndoRun",
-    "best_iteration",
-    "evaluate_records",
-    "load_student",
-    "run",
-    "stop_reason",
-]
+import importlib
+
+_EXPORTS = {
+    "best_iteration": "convergence", "stop_reason": "convergence",
+    "UndoError": "loop", "UndoRun": "loop", "run": "loop",
+    "RunDir": "rundir", "RunDirError": "rundir",
+    "EvalSettings": "student", "StudentError": "student", "evaluate_records": "student", "load_student": "student",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'undo_jax.undo' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"undo_jax.undo.{_EXPORTS[name]}"), name)

@@ -223,6 +223,22 @@ def choose_data_plan(loop: LoopConfig) -> DataPlan:
     return DataPlan(first=first, later=later, early_stop=undo)
 
 
+def student_stage_names(loop: LoopConfig, k: int) -> list[str]:
+    """The student's stages of iteration k (0: the base student, evaluated only)."""
+    train = ["train", "prune_state"] if k > 0 else []
+    if k > 0 and loop.distill in ("logits", "on_policy"):
+        train.insert(0, "teacher_logits")
+    return [*train, "eval_val", "eval_test"]
+
+
+def stage_names(loop: LoopConfig, k: int) -> list[tuple[int, str]]:
+    """(iteration, stage) pairs the loop runs for iteration k, in order (a strategy may add a stage to k-1)."""
+    if k == 0:
+        return [(0, name) for name in student_stage_names(loop, 0)] if loop.eval_base else []
+    data = [(s.k, s.name) for s in choose_data_plan(loop).for_iteration(k).stages(None, k)]
+    return [*data, *((k, name) for name in student_stage_names(loop, k))]
+
+
 LEDGER_FIELDS = ("calls", "cache_hits", "errors", "retries", "input_tokens", "output_tokens", "cost_usd")
 
 

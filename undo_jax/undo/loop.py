@@ -21,8 +21,9 @@ from typing import Any
 from undo_jax import distributed
 from undo_jax.config import RunConfig, identity_defaults
 from undo_jax.configtree import to_flag_lines, to_json
+from undo_jax.errors import one_line
 from undo_jax.undo.convergence import best_iteration, stop_reason
-from undo_jax.undo.data_plan import Stage, choose_data_plan, ledger_delta, merge_usage
+from undo_jax.undo.data_plan import Stage, choose_data_plan, ledger_delta, merge_usage, student_stage_names
 from undo_jax.undo.prepare import UndoError, load_splits, make_run_mesh
 from undo_jax.undo.rundir import RunDir, RunLock, atomic_write_json, atomic_write_jsonl, read_jsonl
 from undo_jax.undo.student import (
@@ -62,9 +63,23 @@ class UndoRun:
         self.scalars = ScalarLog(self.rd.root / "tb", enabled=cfg.output.tensorboard and self.primary)
 
     # ----- setup -------------------------------------------------------------------------------------------
-    def preflight(self) -> None:
-        """Everything that can fail cheaply fails here, before any model is loaded or teacher called."""
+    def check(self) -> None:
+        """What can fail once JAX is up fails here, before the run directory is written: the task's data, the
+        student's tokenizer, the mesh against the devices (cheaper checks: `undo_jax.preflight`, before JAX)."""
+        if self.task is not None:
+            return
         cfg = self.cfg
+        problem = self.scalars.check()
+        if problem:
+            raise UndoError(problem)
+        self.mesh = make_run_mesh(cfg.mesh, micro_batch=cfg.train.micro_batch)
+        self.task, self.splits = load_splits(cfg.task)
+        self.tokenizer = load_tokenizer(cfg.student.source)
+
+    def preflight(self) -> None:
+        """`check`, then (process 0) the run directory: lock, flags.txt, identity.json, config.json; the teacher."""
+        cfg = self.cfg
+        self.check()
         if self.primary:
             self.rd.ensure_writable()
             self.lock.acquire()
@@ -75,16 +90,10 @@ class UndoRun:
                             defaults=identity_defaults())
             atomic_write_json(self.rd.config_path, to_json(cfg))
         distributed.sync("undo-prepare")
-        problem = self.scalars.check()
-        if problem:
-            raise UndoError(problem)
-        self.task, self.splits = load_splits(cfg.task)
         log.info("data: %d train, %d validation, %d test", *(len(self.splits[s]) for s in ("train", "validation",
                                                                                            "test")))
         if self.primary and self._teacher is None:
             self._teacher = self._make_teacher()
-        self.tokenizer = load_tokenizer(cfg.student.source)
-        self.mesh = make_run_mesh(cfg.mesh, micro_batch=cfg.train.micro_batch)
 
     def _make_teacher(self):
         from undo_jax.teachers import make_teacher
@@ -104,9 +113,9 @@ class UndoRun:
     def teacher_settings(self) -> dict[str, Any]:
         return {"temperature": self.cfg.teacher.temperature, "max_output_tokens": self.cfg.teacher.max_output_tokens}
 
-    def close(self) -> None:
+    def close(self, error: str | None = None) -> None:
         self.scalars.close()
-        self.lock.release()
+        self.lock.release(error)
         if self._owns_teacher and self._teacher is not None:
             self._teacher.close()
             self._teacher = None
@@ -119,6 +128,8 @@ class UndoRun:
         if distributed.primary_decides(self.rd.is_done(k, name)):
             return self.rd.marker_info(k, name) or {}
         log.info("iteration %d: %s", k, name)
+        if self.primary:
+            self.lock.note(stage=f"{k}:{name}", stage_since=time.strftime("%Y-%m-%d %H:%M:%S"))
         start = time.time()
         info: dict[str, Any] = {}
         self.tally = dict.fromkeys(TALLY_FIELDS, 0)
@@ -411,12 +422,10 @@ class UndoRun:
         return {"pruned": pruned}
 
     def student_stages(self, k: int) -> list[Stage]:
-        train = [Stage(k, "train", lambda: self.stage_train(k)),
-                 Stage(k, "prune_state", lambda: self.stage_prune_state(k))] if k > 0 else []
-        if k > 0 and self.cfg.loop.distill in ("logits", "on_policy"):
-            train.insert(0, Stage(k, "teacher_logits", lambda: self.stage_teacher_logits(k)))
-        return [*train, Stage(k, "eval_val", lambda: self.stage_eval(k, "validation")),
-                Stage(k, "eval_test", lambda: self.stage_eval(k, "test"))]
+        fns = {"teacher_logits": lambda: self.stage_teacher_logits(k), "train": lambda: self.stage_train(k),
+               "prune_state": lambda: self.stage_prune_state(k),
+               "eval_val": lambda: self.stage_eval(k, "validation"), "eval_test": lambda: self.stage_eval(k, "test")}
+        return [Stage(k, name, fns[name]) for name in student_stage_names(self.cfg.loop, k)]
 
     # ----- metrics, export, report -------------------------------------------------------------------------
     def metrics(self) -> list[dict[str, Any]]:
@@ -466,9 +475,19 @@ class UndoRun:
                                           "mode": self.cfg.loop.mode})
         distributed.sync("undo-export")
 
+    def push_final(self) -> None:
+        """--push_to_hub: upload final/ (and the report) to the hub repo."""
+        repo = self.cfg.output.push_to_hub
+        if repo:
+            from undo_jax.hub import push_folder
+
+            url = push_folder(self.rd.final_dir, repo, extra=[self.rd.report_path])
+            log.info("final/ pushed to %s", url)
+
     # ----- the loop ----------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         loop = self.cfg.loop
+        error = None
         try:
             self.preflight()
             if loop.eval_base:
@@ -495,9 +514,13 @@ class UndoRun:
                 from undo_jax.undo.report import write_report
 
                 write_report(self.rd, self.cfg)
+                self.push_final()
             return state
+        except BaseException as e:
+            error = one_line(e)
+            raise
         finally:
-            self.close()
+            self.close(error)
 
 
 def run(cfg: RunConfig, *, teacher=None, progress: bool = False) -> dict[str, Any]:

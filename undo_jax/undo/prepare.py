@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
-from undo_jax.config import DEMO_DATA, MeshConfig, TaskDataConfig, demo_data_path
+from undo_jax.config import MeshConfig, TaskDataConfig
 from undo_jax.errors import one_line
 
 SPLITS = ("train", "validation", "test")
@@ -17,11 +16,13 @@ class UndoError(RuntimeError):
 
 
 def resolve_data_source(source: str | None) -> str | None:
-    if source == DEMO_DATA:
-        return demo_data_path()
-    if source is not None and not os.path.exists(source):
-        raise UndoError(f"--data_source={source}: no such file or directory")
-    return source
+    from undo_jax.preflight import PreflightError
+    from undo_jax.preflight import resolve_data_source as resolve
+
+    try:
+        return resolve(source)
+    except PreflightError as e:
+        raise UndoError(str(e)) from None
 
 
 @dataclasses.dataclass
@@ -57,7 +58,11 @@ def make_run_mesh(cfg: MeshConfig, *, micro_batch: int | None = None):
     try:
         mesh = make_mesh(cfg.data, cfg.fsdp, cfg.tensor)
     except ValueError as e:
-        raise UndoError(f"--mesh_*: {e}") from None
+        import jax
+
+        devices, why = jax.devices(), str(e).removeprefix("make_mesh: ")
+        raise UndoError(f"--mesh_data={cfg.data} --mesh_fsdp={cfg.fsdp} --mesh_tensor={cfg.tensor}: does not fit the "
+                        f"{len(devices)} {devices[0].platform} device(s) jax sees ({why})") from None
     if micro_batch is not None:
         try:
             check_rows_fit_mesh(micro_batch, mesh, what="--micro_batch")

@@ -76,7 +76,8 @@ def plot(path: Path, runs: dict[str, list[dict[str, Any]]]) -> None:
     ax.set_xlabel("training epochs (cumulative; 0 = base student)")
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_lines():
+        ax.legend(fontsize=8)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -207,12 +208,29 @@ def write_report(rd: RunDir, cfg=None, *, baseline_dir: str | None = None) -> Pa
     return rd.report_path
 
 
-def main(argv: list[str] | None = None) -> None:
+USAGE = "usage: python -m undo_jax.undo.report RUN_DIR [BASELINE_RUN_DIR]"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Rewrite RUN_DIR's report.md and accuracy.png (with a --mode=standard run beside it); prints the path."""
+    prog = "undo_jax.undo.report"
     args = sys.argv[1:] if argv is None else argv
-    if not args:
-        sys.exit("usage: python -m undo_jax.undo.report RUN_DIR [BASELINE_RUN_DIR]")
+    if any(a in ("-h", "--help", "--helpfull", "-?") for a in args):
+        print(f"{USAGE}\n\n{main.__doc__}")
+        return 0
+    options = [a for a in args if a.startswith("-")]
+    problem = (f"{options[0]}: unknown option" if options else
+               None if 1 <= len(args) <= 2 else f"expected 1 or 2 run directories, got {len(args)}")
+    for path in args if problem is None else ():
+        if not RunDir(path).metrics_path.is_file() and not (Path(path) / "iter_0").is_dir():
+            problem = f"{path}: not a run directory with results (no metrics.jsonl)"
+            break
+    if problem:
+        print(f"{prog}: error: {problem} ({USAGE})", file=sys.stderr)
+        return 2
     print(write_report(RunDir(args[0]), baseline_dir=args[1] if len(args) > 1 else None))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

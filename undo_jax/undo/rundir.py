@@ -88,6 +88,7 @@ class RunLock:
     def __init__(self, root: str | os.PathLike):
         self.path = Path(root) / "run.lock"
         self._fd: int | None = None
+        self._record: dict[str, Any] = {}
         self.previous: dict[str, Any] | None = None  # the holder named in the file when we took it
 
     def holder(self) -> dict[str, Any]:
@@ -102,21 +103,35 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            h = self.holder()
-            who = f"pid {h.get('pid', '?')} on host {h.get('host', '?')}"
-            raise RunDirError(f"{self.path.parent}: in use by another run ({who}, since "
-                              f"{h.get('since', '?')}); wait for it to finish or stop it") from None
-        self.previous = self.holder() or None
-        record = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                             "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, record, 0)
-        os.fsync(fd)
-        self._fd = fd
+            from undo_jax.preflight import lock_message
 
-    def release(self) -> None:
+            raise RunDirError(lock_message(self.path.parent, self.holder())) from None
+        previous = self.holder()
+        self.previous = previous if previous and "ended" not in previous else None  # a killed holder's record
+        self._record = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self._fd = fd
+        self._write(self._record)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        data = json.dumps(record).encode()
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, data, 0)
+        os.fsync(self._fd)
+
+    def note(self, **fields: Any) -> None:
+        """Record what the holder is doing (e.g. the current stage) in the lock file, for `undo_jax.status`."""
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)
+            self._record = {**self._record, **fields}
+            self._write(self._record)
+
+    def release(self, error: str | None = None) -> None:
+        """Unlock; the file is emptied, or keeps the holder's record with `error` (a run that stopped on one in
+        a stage; a refusal before the first stage leaves the file as empty as it found it)."""
+        if self._fd is not None:
+            if error is None or "stage" not in self._record:
+                os.ftruncate(self._fd, 0)
+            else:
+                self._write({**self._record, "ended": time.strftime("%Y-%m-%d %H:%M:%S"), "error": error})
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
@@ -209,28 +224,25 @@ class RunDir:
                 defaults: dict[str, Any] | None = None) -> bool:
         """Create (or reopen) the directory; returns True when it already held a run.
 
-        A new directory gets flags.txt and identity.json. An existing one must have been made with the same
-        identity flags, unless `allow_change` (then the new flags are recorded beside the old ones). A setting
-        missing from an older identity.json had its value in `defaults` (it did not exist yet).
+        A new directory gets flags.txt and identity.json. An existing one with finished stages must have been
+        made with the same identity flags, unless `allow_change` (then the new flags are recorded beside the old
+        ones); one without a finished stage counts as new. A setting missing from an older identity.json had its
+        value in `defaults` (it did not exist yet).
         """
+        from undo_jax.preflight import PreflightError, identity_change, identity_problem
+
         self.ensure_writable()
         identity_path = self.root / "identity.json"
         existed = identity_path.is_file()
-        if existed:
-            try:
-                old = json.loads(identity_path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError:
-                raise RunDirError(f"{identity_path}: corrupt (not JSON); cannot check the flags of this run") from None
-            old = {**{k: v for k, v in (defaults or {}).items() if k not in old}, **old}
-            changed = [k for k in sorted(set(old) | set(identity)) if old.get(k) != identity.get(k)]
-            if changed and not allow_change:
-                k = changed[0]
-                more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
-                raise RunDirError(
-                    f"{self.root}: was run with --{k}={old.get(k)!r}, now --{k}={identity.get(k)!r}{more}; use "
-                    f"another --run_dir or pass --allow_flag_change")
-            if changed and self.flags_path.is_file():  # keep the earlier flags beside the new ones
-                os.replace(self.flags_path, self.root / f"flags.{time.strftime('%Y%m%d-%H%M%S')}.txt")
+        try:
+            changed = identity_change(self.root, identity, defaults=defaults)
+            problem = identity_problem(self.root, identity, allow_change=allow_change, defaults=defaults)
+        except PreflightError as e:
+            raise RunDirError(str(e)) from None
+        if problem:
+            raise RunDirError(problem)
+        if changed and self.flags_path.is_file():  # keep the earlier flags beside the new ones
+            os.replace(self.flags_path, self.root / f"flags.{time.strftime('%Y%m%d-%H%M%S')}.txt")
         atomic_write_json(identity_path, identity)
         atomic_write_text(self.flags_path, "\n".join(flag_lines) + "\n")
         return existed

@@ -25,10 +25,9 @@ class StudentError(RuntimeError):
 
 def run_iteration_dir(source: str) -> tuple[Path, int] | None:
     """(run root, K) when `source` is a run's iteration directory RUN/iter_K, else None."""
-    path = Path(source)
-    if path.name.startswith("iter_") and path.name[5:].isdigit() and (path.parent / "identity.json").is_file():
-        return path.parent, int(path.name[5:])
-    return None
+    from undo_jax.preflight import run_iteration
+
+    return run_iteration(source)
 
 
 def _run_identity(run_root: Path) -> dict:
