@@ -21,8 +21,8 @@ from undo_jax.models import load_pretrained, load_tokenizer, save_pretrained
 
 pytestmark = pytest.mark.slow
 
-N_PER_TASK = 8
-BATCH = 4
+N_PER_TASK = 6
+BATCH = 6  # two batches: transformers' eager forward over a 262k vocabulary dominates
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_gemma3_270m_matches_transformers_gguf_loader(gemma3_gguf, shared_data, 
     del ours
     exported = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert type(exported).__name__ == "Gemma3ForCausalLM"
-    for ids, mask, ref in reference[:2]:
+    for ids, mask, ref in reference[:1]:
         with torch.no_grad():
             logits = exported(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).logits.numpy()
         np.testing.assert_allclose(logits[mask.astype(bool)], ref, rtol=0, atol=1e-5)
