@@ -68,6 +68,20 @@ def make_gemma3_model(rope: str = "default", seed: int = 0, **overrides):
     return model
 
 
+def real_questions(shared_data, per_task: int) -> list[str]:
+    """The first `per_task` SVAMP and GSM8K test questions of the shared data."""
+    import json
+
+    out = []
+    with open(shared_data / "svamp" / "svamp.jsonl", encoding="utf-8") as f:
+        for line in list(f)[:per_task]:
+            r = json.loads(line)
+            out.append(f"{r['Body']} {r['Question']}")
+    with open(shared_data / "gsm8k" / "test.jsonl", encoding="utf-8") as f:
+        out += [json.loads(line)["question"] for line in list(f)[:per_task]]
+    return out
+
+
 def random_batch(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, size=(batch, length), dtype=np.int64)
 

@@ -18,7 +18,7 @@ import torch
 import transformers
 from flax import nnx
 
-from tests.models.reference import jax_logits, left_pad_mask, make_gemma3_model, random_batch, torch_logits
+from tests.models.reference import jax_logits, left_pad_mask, random_batch, torch_logits
 from undo_jax.models import ModelConfig, load_pretrained, save_pretrained
 from undo_jax.models.config import ConfigError
 from undo_jax.models.safetensors_io import SafetensorsFile, write_file
@@ -27,20 +27,10 @@ TOLERANCE = 1e-4  # max |logit difference|, fp32
 LENGTH = 40  # five windows
 
 
-@pytest.fixture(scope="module")
-def gemma3_checkpoint(tmp_path_factory):
-    """rope kind -> (torch model, directory saved by transformers), built once."""
-    cache = {}
-
-    def get(rope: str):
-        if rope not in cache:
-            model = make_gemma3_model(rope)
-            out = tmp_path_factory.mktemp(f"gemma3_{rope}")
-            model.save_pretrained(out)
-            cache[rope] = (model, out)
-        return cache[rope]
-
-    return get
+@pytest.fixture
+def gemma3_checkpoint(hf_checkpoint):
+    """rope kind -> (torch model, directory saved by transformers), built once per session."""
+    return lambda rope: hf_checkpoint(f"gemma3_{rope}")
 
 
 @pytest.mark.parametrize("rope", ["default", "linear"])
@@ -158,3 +148,23 @@ def test_unsupported_gemma_configs_are_one_line_errors(edit, match, gemma3_check
         load_pretrained(tmp_path / "ckpt")
     msg = str(err.value)
     assert "\n" not in msg and str(config_path) in msg, msg
+
+
+@pytest.mark.parametrize("backend", ["chunked", "xla", pytest.param("tpu_interpret", marks=pytest.mark.slow)])
+def test_traced_window_switch_equals_static_window(backend):
+    """attention(window_active=traced flag) == a static window when on, == no window when off."""
+    from undo_jax.models.attention import attention
+
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(2, 20, 4, 8)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(2, 2, 20, 8)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(2, 2, 20, 8)), jnp.float32)
+    pos = jnp.asarray(np.tile(np.arange(20, dtype=np.int32), (2, 1)))
+    kw = dict(q_positions=pos, kv_positions=pos)
+    switched = jax.jit(lambda active: attention(q, k, v, backend=backend, block_size=8, sliding_window=5,
+                                                window_active=active, **kw))
+    local = np.asarray(attention(q, k, v, backend="reference", sliding_window=5, **kw))
+    full = np.asarray(attention(q, k, v, backend="reference", **kw))
+    assert np.abs(local - full).max() > 1e-3
+    np.testing.assert_allclose(np.asarray(switched(jnp.bool_(True))), local, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(switched(jnp.bool_(False))), full, atol=1e-5)

@@ -8,7 +8,6 @@ tests/models/test_gguf_tokenizer.py::test_gemma3_tokenizer_matches_transformers.
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax.numpy as jnp
@@ -17,6 +16,7 @@ import pytest
 import torch
 import transformers
 
+from tests.models.reference import real_questions
 from undo_jax.models import load_pretrained, load_tokenizer, save_pretrained
 
 pytestmark = pytest.mark.slow
@@ -25,25 +25,9 @@ N_PER_TASK = 5
 BATCH = 5  # two batches: transformers' eager forward over a 262k vocabulary dominates
 
 
-@pytest.fixture(scope="module")
-def gemma3_gguf():
-    from undo_jax.assets import gemma3_270m_gguf_path
-
-    try:
-        return gemma3_270m_gguf_path()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-
-
 def _prompts(shared_data) -> list[str]:
-    questions = []
-    with open(shared_data / "svamp" / "svamp.jsonl", encoding="utf-8") as f:
-        for line in list(f)[:N_PER_TASK]:
-            r = json.loads(line)
-            questions.append(f"{r['Body']} {r['Question']}")
-    with open(shared_data / "gsm8k" / "test.jsonl", encoding="utf-8") as f:
-        questions += [json.loads(line)["question"] for line in list(f)[:N_PER_TASK]]
-    return [f"<start_of_turn>user\n{q}<end_of_turn>\n<start_of_turn>model\n" for q in questions]
+    return [f"<start_of_turn>user\n{q}<end_of_turn>\n<start_of_turn>model\n"
+            for q in real_questions(shared_data, N_PER_TASK)]
 
 
 def _batches(rows: list[list[int]], pad: int):
