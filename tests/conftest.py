@@ -45,6 +45,16 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma3_gguf() -> str:
+    from undo_jax.assets import gemma3_270m_gguf_path
+
+    try:
+        return gemma3_270m_gguf_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
 def smollm2_gguf() -> str:
     from undo_jax.assets import smollm2_gguf_path
 

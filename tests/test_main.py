@@ -84,6 +84,18 @@ def test_symbolic_student_resolves_to_the_wheel_gguf(alias, smollm2_gguf):
     assert resolve_student("some/dir") == "some/dir"
 
 
+def test_gemma3_student_alias_resolves_to_the_assembled_gguf():
+    from undo_jax.assets import gemma3_270m_gguf_path
+    from undo_jax.config import resolve_student
+
+    try:
+        path = gemma3_270m_gguf_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    assert resolve_student("gemma3-270m-gguf") == resolve_student("@gemma3-270m") == path
+    assert path.endswith("gemma-3-270m-q4_k_m.gguf")
+
+
 def test_config_files_parse_and_validate():
     from undo_jax.main import parse
 

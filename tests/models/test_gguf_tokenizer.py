@@ -109,16 +109,6 @@ def test_smollm2_tokenizer_matches_transformers(smollm2_gguf, shared_data):
     assert n >= 200
 
 
-@pytest.fixture(scope="module")
-def gemma3_gguf():
-    from undo_jax.assets import gemma3_270m_gguf_path
-
-    try:
-        return gemma3_270m_gguf_path()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-
-
 @pytest.mark.slow  # a 262k-token vocabulary: ~40 s for both builds
 def test_gemma3_tokenizer_matches_transformers(gemma3_gguf, shared_data):
     ours = load_gguf_tokenizer(gemma3_gguf)

@@ -5,7 +5,6 @@ Both sides dequantize the same GGUF to float32, so differences come from the for
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax.numpy as jnp
@@ -15,22 +14,12 @@ import torch
 import transformers
 from flax import nnx
 
+from tests.models.reference import real_questions
 from undo_jax.models import load_pretrained, load_tokenizer, save_pretrained
 
 pytestmark = pytest.mark.slow  # two tokenizer builds from GGUF metadata alone take ~40 s
 
 N_PER_TASK = 8
-
-
-def _questions(shared_data) -> list[str]:
-    out = []
-    with open(shared_data / "svamp" / "svamp.jsonl", encoding="utf-8") as f:
-        for line in list(f)[:N_PER_TASK]:
-            r = json.loads(line)
-            out.append(f"{r['Body']} {r['Question']}")
-    with open(shared_data / "gsm8k" / "test.jsonl", encoding="utf-8") as f:
-        out += [json.loads(line)["question"] for line in list(f)[:N_PER_TASK]]
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +33,7 @@ def smollm2(smollm2_gguf, shared_data):
         "ours_tok": load_tokenizer(smollm2_gguf),
         "theirs": theirs,
         "theirs_tok": theirs_tok,
-        "messages": [[{"role": "user", "content": q}] for q in _questions(shared_data)],
+        "messages": [[{"role": "user", "content": q}] for q in real_questions(shared_data, N_PER_TASK)],
     }
 
 

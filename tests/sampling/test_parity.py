@@ -62,3 +62,31 @@ def test_greedy_matches_transformers_tiny(model_type, toy_tokenizer, questions, 
     reference = hf_greedy(hf_model, prompt_ids, end_token_ids(toy_tokenizer, model.config), 64)
     assert len({t for row in reference for t in row}) > 30, "degenerate reference output proves little"
     assert_same_tokens(ours, reference)
+
+
+def test_gemma3_greedy_matches_transformers_past_the_window(toy_tokenizer, questions, tmp_path):
+    """Gemma 3 with a window of 8: prompts and 40 new tokens run far past it, in both engines."""
+    config = transformers.Gemma3TextConfig(
+        vocab_size=len(toy_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        tie_word_embeddings=False,  # a tiny random tied Gemma only echoes one token; the tied head is in tests/models
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}},
+    )
+    torch.manual_seed(0)
+    hf_model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # norm scales 1 + w with w != 0; larger weights than the init: varied outputs
+        for p in hf_model.parameters():
+            p.normal_(0.0, 0.1)
+    hf_model.save_pretrained(tmp_path)
+    model = load_pretrained(str(tmp_path))
+
+    prompts = [[{"role": "user", "content": q}] for q in questions[:8]]
+    prompt_ids = render_prompts(toy_tokenizer, prompts)
+    assert min(map(len, prompt_ids)) > 8 and len(set(map(len, prompt_ids))) > 4
+    reference = hf_greedy(hf_model, prompt_ids, end_token_ids(toy_tokenizer, model.config), 40)
+    assert len({t for row in reference for t in row}) > 30, "degenerate reference output proves little"
+    assert_same_tokens(generate(model, toy_tokenizer, prompts, max_new_tokens=40, batch_size=8), reference)
+    continuous = generate(model, toy_tokenizer, prompts, max_new_tokens=40, batch_size=4, engine="continuous")
+    assert_same_tokens(continuous, reference)

@@ -9,7 +9,9 @@ from per-row positions, never from a precomputed [T, S] matrix. Query t of row b
     and q_positions[b, t] - kv_positions[b, s] < sliding_window (when a window is given)
 
 which covers left padding (kv_valid), packed rows (segment ids), a KV cache with stale slots
-(kv_valid), and local attention layers (sliding_window). GQA: H is a multiple of KV.
+(kv_valid), and local attention layers (sliding_window). `window_active` (a traced bool scalar)
+switches the window on or off per call, so a layer scan can mix local and global layers (Gemma 3)
+with one compiled body. GQA: H is a multiple of KV.
 
 Backends:
 - `reference`: einsum over the whole [T, S] score matrix (float32), the baseline of the tests;
@@ -34,6 +36,7 @@ import jax.numpy as jnp
 BACKENDS = ("auto", "reference", "chunked", "xla", "tpu", "tpu_interpret")
 DEFAULT_BLOCK = 256
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: fully masked rows stay NaN-free
+NO_WINDOW = 2**30  # a window no position difference reaches: the traced "window off" value
 
 
 class AttentionError(ValueError):
@@ -58,16 +61,18 @@ def resolve_backend(name: str, *, self_attention: bool, platform: str | None = N
 
 
 def attention(q, k, v, *, q_positions, kv_positions, kv_valid=None, q_segment_ids=None, kv_segment_ids=None,
-              sliding_window: int | None = None, kv_filled=None, layer=None, scale: float | None = None,
-              backend: str = "auto", block_size: int | None = None, interpret: bool = False):
+              sliding_window: int | None = None, window_active=None, kv_filled=None, layer=None,
+              scale: float | None = None, backend: str = "auto", block_size: int | None = None,
+              interpret: bool = False):
     """Masked multi-head attention -> [B, T, H, Dh] in q's dtype (softmax in float32).
 
     q [B, T, H, Dh]; k, v [B, KV, S, Dh], or [L, B, KV, S, Dh] with `layer` (an int or traced
     scalar) picking one layer of a stacked cache; q_positions [B, T] and
     kv_positions [B, S] int; kv_valid [B, S] bool (default all valid); segment ids [B, T] / [B, S]
     int (both or neither); kv_filled: a scalar bound, every slot >= kv_filled is invalid (lets the
-    chunked backend skip the unfilled tail of a preallocated cache); scale default Dh ** -0.5;
-    block_size: keys per chunked block (default DEFAULT_BLOCK).
+    chunked backend skip the unfilled tail of a preallocated cache); window_active: None (the window,
+    if any, always applies) or a bool scalar, possibly traced, saying whether `sliding_window` applies;
+    scale default Dh ** -0.5; block_size: keys per chunked block (default DEFAULT_BLOCK).
     """
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise AttentionError("attention: pass both q_segment_ids and kv_segment_ids, or neither")
@@ -83,6 +88,14 @@ def attention(q, k, v, *, q_positions, kv_positions, kv_valid=None, q_segment_id
         # straight out of the stacked cache carried through the layer scan (that made XLA copy it).
         k, v = k[layer], v[layer]
     masks = (q_positions, kv_positions, kv_valid, q_segment_ids, kv_segment_ids)
+    if name in ("tpu", "tpu_interpret") and sliding_window is not None and window_active is not None:
+        # The splash kernel's mask is static: choose between the local and the causal kernel at run time.
+        def run(window):
+            return _splash(q, k, v, *masks, window=window, scale=scale, interpret=interpret or name == "tpu_interpret")
+
+        return jax.lax.cond(window_active, lambda: run(sliding_window), lambda: run(None))
+    if sliding_window is not None and window_active is not None:
+        sliding_window = jnp.where(window_active, jnp.int32(sliding_window), jnp.int32(NO_WINDOW))
     if name == "reference":
         return _reference(q, k, v, *masks, window=sliding_window, scale=scale)
     if name == "xla":
@@ -92,7 +105,7 @@ def attention(q, k, v, *, q_positions, kv_positions, kv_valid=None, q_segment_id
                        interpret=interpret or name == "tpu_interpret")
     block = min(block_size or DEFAULT_BLOCK, s_len)
     if k.ndim == 4 and kv_filled is None:
-        return _chunked_vjp(block, sliding_window, scale)(q, k, v, *masks)
+        return _chunked_vjp(block, scale)(q, k, v, *masks, sliding_window)
     return _chunked_forward(q, k, v, *masks, kv_filled=kv_filled, block=block, window=sliding_window,
                             scale=scale)[0]
 
@@ -189,23 +202,24 @@ def _chunked_forward(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, *, kv_fill
 
 
 @functools.cache
-def _chunked_vjp(block: int, window: int | None, scale: float):
-    """The training form of `chunked`: a custom VJP that saves (out, lse) and recomputes each block."""
+def _chunked_vjp(block: int, scale: float):
+    """The training form of `chunked`: a custom VJP that saves (out, lse) and recomputes each block.
+    The window (None, an int, or a traced scalar) is an operand, so local and global layers share one body."""
 
-    def forward(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg):
+    def forward(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, window):
         return _chunked_forward(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, kv_filled=None, block=block,
                                 window=window, scale=scale)
 
     @jax.custom_vjp
-    def fn(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg):
-        return forward(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg)[0]
+    def fn(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, window):
+        return forward(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, window)[0]
 
-    def fwd(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg):
-        out, lse = forward(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg)
-        return out, (q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, out, lse)
+    def fwd(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, window):
+        out, lse = forward(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, window)
+        return out, (q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, window, out, lse)
 
     def bwd(res, d_out):
-        q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, out, lse = res
+        q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, window, out, lse = res
         s_len, num_kv = k.shape[2], k.shape[1]
         qg = _group_queries(q, num_kv).astype(jnp.float32) * scale
         do = _group_queries(d_out, num_kv).astype(jnp.float32)
@@ -233,7 +247,7 @@ def _chunked_vjp(block: int, window: int | None, scale: float):
         init = (jnp.zeros(qg.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
         dq, dk, dv = jax.lax.fori_loop(0, math.ceil(s_len / block), body, init)
         dq = _ungroup(dq * scale).astype(q.dtype)
-        return dq, dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None, None
+        return dq, dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None, None, None
 
     fn.defvjp(fwd, bwd)
     return fn

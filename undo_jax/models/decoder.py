@@ -1,7 +1,11 @@
-"""Flax NNX causal decoder for the Llama family, Qwen2/2.5 and Qwen3.
+"""Flax NNX causal decoder for the Llama family, Qwen2/2.5, Qwen3 and Gemma 3 (text).
 
-One module covers the three families; they differ only in QKV bias (Qwen2), per-head q/k
-RMSNorm (Qwen3), tied embeddings and RoPE scaling (Llama 3). Every parameter carries
+One module covers the families; Llama / Qwen differ only in QKV bias (Qwen2), per-head q/k
+RMSNorm (Qwen3), tied embeddings and RoPE scaling (Llama 3). Gemma 3 adds (1 + w) RMSNorms, four
+norms per block (a norm after attention and around the MLP), GeGLU with tanh GELU, a sqrt(hidden)
+embedding scale, and local layers: a sliding attention window and their own RoPE base. Which layers
+are local is a per-layer scanned input (not a Python branch), so the layers stay one stacked
+`DecoderLayer` and compile time stays independent of depth. Every parameter carries
 `logical_axes` metadata that `undo_jax.sharding` maps onto a device mesh.
 
 The decoder layers are one `DecoderLayer` whose parameters are stacked with a leading `layers`
@@ -45,27 +49,36 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, *, zeros=False, ones=False, layer
 
 
 class RMSNorm(nnx.Module):
+    """offset=False: w * x (Llama, Qwen); offset=True: (1 + w) * x with w stored as HF stores it (Gemma)."""
+
     def __init__(self, dim: int, eps: float, *, axis_name: str | None, param_dtype, rngs: nnx.Rngs,
-                 layers: int | None = None):
-        self.weight = _param(rngs, (dim,), (axis_name,), param_dtype, ones=True, layers=layers)
+                 layers: int | None = None, offset: bool = False):
+        self.weight = _param(rngs, (dim,), (axis_name,), param_dtype, ones=not offset, zeros=offset, layers=layers)
         self.eps = eps
+        self.offset = offset
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype
         x = x.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        if self.offset:  # Gemma scales in float32 and casts after, as HF does
+            return (x * (1.0 + self.weight[...].astype(jnp.float32))).astype(dtype)
         # HF multiplies in the input dtype after the float32 normalisation.
         return self.weight[...].astype(dtype) * x.astype(dtype)
 
 
-def rope_inv_freq(config: ModelConfig) -> jax.Array:
-    """Inverse frequencies, including Llama 3's piecewise `rope_scaling` (type llama3)."""
+def rope_inv_freq(config: ModelConfig, *, local: bool = False) -> jax.Array:
+    """Inverse frequencies of the global layers, including `rope_scaling` (Llama 3's piecewise llama3, or
+    linear), or (local=True) of Gemma 3's sliding-window layers: their own base, never scaled."""
     d = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    theta = config.rope_local_theta if local else config.rope_theta
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
     scaling = config.rope_scaling
-    if scaling is None:
+    if scaling is None or local:
         return inv_freq
     factor = float(scaling["factor"])
+    if scaling.get("rope_type", scaling.get("type")) == "linear":
+        return inv_freq / factor
     low = float(scaling.get("low_freq_factor", 1.0))
     high = float(scaling.get("high_freq_factor", 4.0))
     old_ctx = float(scaling.get("original_max_position_embeddings", 8192))
@@ -105,7 +118,8 @@ class DecoderLayer(nnx.Module):
             return _param(rngs, shape, axes, param_dtype, layers=layers, **kw)
 
         def norm(dim, axis_name):
-            return RMSNorm(dim, eps, axis_name=axis_name, param_dtype=param_dtype, rngs=rngs, layers=layers)
+            return RMSNorm(dim, eps, axis_name=axis_name, param_dtype=param_dtype, rngs=rngs, layers=layers,
+                           offset=config.is_gemma3)
 
         self.input_layernorm = norm(d, "norm")
         self.self_attn = nnx.Dict(
@@ -122,10 +136,14 @@ class DecoderLayer(nnx.Module):
             self.self_attn["q_norm"] = norm(hd, "head_dim")
             self.self_attn["k_norm"] = norm(hd, "head_dim")
         self.post_attention_layernorm = norm(d, "norm")
+        if config.is_gemma3:  # Gemma's sandwich: post_attention_layernorm normalises the attention output
+            self.pre_feedforward_layernorm = norm(d, "norm")
+            self.post_feedforward_layernorm = norm(d, "norm")
         self.mlp = nnx.Dict(gate_proj=param((d, f), ("embed", "mlp")), up_proj=param((d, f), ("embed", "mlp")),
                             down_proj=param((f, d), ("mlp", "embed")))
         self.has_bias = config.attention_bias
         self.has_qk_norm = config.qk_norm
+        self.gemma = config.is_gemma3
         self.dtype = dtype
 
     def qkv(self, x, cos, sin):
@@ -145,12 +163,20 @@ class DecoderLayer(nnx.Module):
 
     def finish(self, x, attn):
         """Residual stream after the attention output attn [B, T, H, Dh] and the MLP."""
+        out = project(self.self_attn, "o_proj", "btnh,nhd->btd", attn, self.dtype)
+        if not self.gemma:
+            x = x + out
+            return x + self.mlp_out(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(out)
+        return x + self.post_feedforward_layernorm(self.mlp_out(self.pre_feedforward_layernorm(x)))
+
+    def mlp_out(self, h):
+        """SwiGLU (Llama, Qwen) or GeGLU with tanh GELU (Gemma's gelu_pytorch_tanh)."""
         dt, m = self.dtype, self.mlp
-        x = x + project(self.self_attn, "o_proj", "btnh,nhd->btd", attn, dt)
-        h = self.post_attention_layernorm(x)
         gate = project(m, "gate_proj", "btd,df->btf", h, dt)
         up = project(m, "up_proj", "btd,df->btf", h, dt)
-        return x + project(m, "down_proj", "btf,fd->btd", jax.nn.silu(gate) * up, dt)
+        act = jax.nn.gelu(gate, approximate=True) if self.gemma else jax.nn.silu(gate)
+        return project(m, "down_proj", "btf,fd->btd", act * up, dt)
 
 
 class KVCache(NamedTuple):
@@ -200,12 +226,43 @@ class CausalLM(nnx.Module):
         self.layers = DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                                    layers=config.num_hidden_layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, axis_name="norm", param_dtype=param_dtype,
-                            rngs=rngs)
+                            rngs=rngs, offset=config.is_gemma3)
         if not config.tie_word_embeddings:
             self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"), param_dtype)
 
     def embed(self, input_ids):
-        return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
+        x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
+        if self.config.is_gemma3:  # HF rounds the sqrt(hidden) scale to the weights' dtype first
+            x = x * jnp.asarray(math.sqrt(self.config.hidden_size), self.dtype)
+        return x
+
+    # ---- per-layer differences (Gemma 3's local layers), as scanned inputs ----
+    def _layer_xs(self):
+        """Per-layer scanned inputs: the layer index and whether the layer is local (sliding window)."""
+        c = self.config
+        return {"index": jnp.arange(c.num_hidden_layers, dtype=jnp.int32),
+                "local": jnp.asarray(c.local_layers, bool)}
+
+    def _rope(self, positions):
+        """cos/sin of the global layers and, with local layers, of the local ones: ((cos, sin), local or None)."""
+        cos_sin = rope_cos_sin(positions, rope_inv_freq(self.config))
+        if not any(self.config.local_layers):
+            return cos_sin, None
+        return cos_sin, rope_cos_sin(positions, rope_inv_freq(self.config, local=True))
+
+    def _layer_rope(self, rope, xs):
+        """The cos/sin layer `xs` uses (a select on the scanned flag, not a Python branch)."""
+        (cos, sin), local = rope
+        if local is None:
+            return cos, sin
+        return jnp.where(xs["local"], local[0], cos), jnp.where(xs["local"], local[1], sin)
+
+    def _window(self, xs) -> dict:
+        """Attention scale and sliding window of layer `xs` (the window only on local layers)."""
+        c = self.config
+        if not any(c.local_layers):
+            return {"scale": c.attention_scale}
+        return {"scale": c.attention_scale, "sliding_window": c.sliding_window, "window_active": xs["local"]}
 
     def _run_layers(self, body, carry, xs=None, *, remat: bool | str = False):
         """carry, ys = scan of body(carry, layer, x) over the stacked layers (xs: per-layer inputs, [L, ...])."""
@@ -238,22 +295,27 @@ class CausalLM(nnx.Module):
         valid = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask.astype(bool)
         if segment_ids is not None:
             valid = valid & (segment_ids > 0)
-        cos, sin = rope_cos_sin(positions, rope_inv_freq(self.config))
+        rope = self._rope(positions)
 
-        def body(x, layer, _):
-            q, k, v = layer.qkv(layer.input_layernorm(x), cos, sin)
+        def body(x, layer, xs):
+            q, k, v = layer.qkv(layer.input_layernorm(x), *self._layer_rope(rope, xs))
             out = self._attend(q, k, v, q_positions=positions, kv_positions=positions, kv_valid=valid,
-                               q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
+                               q_segment_ids=segment_ids, kv_segment_ids=segment_ids, **self._window(xs))
             return layer.finish(x, out), None
 
-        x, _ = self._run_layers(body, self.embed(input_ids), remat=remat if remat != "none" else False)
+        x, _ = self._run_layers(body, self.embed(input_ids), self._layer_xs(),
+                                remat=remat if remat != "none" else False)
         return self.norm(x)
 
     def logits_from_hidden(self, h):
         if self.config.tie_word_embeddings:
             w = self.embed_tokens[...].astype(self.dtype)
-            return jnp.einsum("...d,vd->...v", h, w, preferred_element_type=jnp.float32)
-        return jnp.einsum("...d,dv->...v", h, self.lm_head[...].astype(self.dtype), preferred_element_type=jnp.float32)
+            logits = jnp.einsum("...d,vd->...v", h, w, preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("...d,dv->...v", h, self.lm_head[...].astype(self.dtype),
+                                preferred_element_type=jnp.float32)
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else jnp.tanh(logits / cap) * cap
 
     def __call__(self, input_ids, *, attention_mask=None, positions=None, segment_ids=None):
         h = self.hidden_states(input_ids, attention_mask=attention_mask, positions=positions, segment_ids=segment_ids)
@@ -275,14 +337,15 @@ class CausalLM(nnx.Module):
         """
         p, s = input_ids.shape[1], cache.valid.shape[1]
         valid = valid.astype(bool)
-        cos, sin = rope_cos_sin(positions, rope_inv_freq(self.config))
+        rope = self._rope(positions)
 
-        def body(x, layer, _):
-            q, k, v = layer.qkv(layer.input_layernorm(x), cos, sin)
-            out = self._attend(q, k, v, q_positions=positions, kv_positions=positions, kv_valid=valid)
+        def body(x, layer, xs):
+            q, k, v = layer.qkv(layer.input_layernorm(x), *self._layer_rope(rope, xs))
+            out = self._attend(q, k, v, q_positions=positions, kv_positions=positions, kv_valid=valid,
+                               **self._window(xs))
             return layer.finish(x, out), (k.astype(cache.k.dtype), v.astype(cache.v.dtype))
 
-        x, (k, v) = self._run_layers(body, self.embed(input_ids))
+        x, (k, v) = self._run_layers(body, self.embed(input_ids), self._layer_xs())
         cache = KVCache(
             jax.lax.dynamic_update_slice(cache.k, k, (0, 0, 0, 0, 0)),
             jax.lax.dynamic_update_slice(cache.v, v, (0, 0, 0, 0, 0)),
@@ -311,20 +374,20 @@ class CausalLM(nnx.Module):
         cache_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (0, cache_index))
         cache_valid = jax.lax.dynamic_update_slice(cache.valid, jnp.ones((b, t), bool), (0, cache_index))
         filled = cache_index + t if kv_filled is None else kv_filled
-        cos, sin = rope_cos_sin(positions, rope_inv_freq(self.config))
+        rope = self._rope(positions)
 
-        def body(carry, layer, index):
+        def body(carry, layer, xs):
             x, k_all, v_all = carry
-            q, k, v = layer.qkv(layer.input_layernorm(x), cos, sin)
+            q, k, v = layer.qkv(layer.input_layernorm(x), *self._layer_rope(rope, xs))
+            index = xs["index"]
             at = (index, 0, 0, cache_index, 0)
             k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
             v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
             out = self._attend(q, k_all, v_all, layer=index, q_positions=positions, kv_positions=cache_positions,
-                               kv_valid=cache_valid, kv_filled=filled)
+                               kv_valid=cache_valid, kv_filled=filled, **self._window(xs))
             return (layer.finish(x, out.astype(x.dtype)), k_all, v_all), None
 
-        layer_ids = jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32)
-        (x, k_all, v_all), _ = self._run_layers(body, (self.embed(input_ids), cache.k, cache.v), layer_ids)
+        (x, k_all, v_all), _ = self._run_layers(body, (self.embed(input_ids), cache.k, cache.v), self._layer_xs())
         return self.norm(x), KVCache(k_all, v_all, cache_positions, cache_valid)
 
 

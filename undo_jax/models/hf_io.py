@@ -79,15 +79,29 @@ def _load(source, dtype, param_dtype, mesh, rules) -> CausalLM:
         raise FileNotFoundError(f"{path}: no config.json in this directory (not a Hugging Face checkpoint)")
     config = ModelConfig.from_json_file(config_path)
     files = _safetensors_files(path)
-    index: dict[str, safetensors_io.SafetensorsFile] = {}
+    index: dict[str, tuple[safetensors_io.SafetensorsFile, str]] = {}  # our HF name -> (file, stored name)
     for f in files:
         st = safetensors_io.SafetensorsFile(f)
         for name in st.keys():
-            index[name] = st
+            index[_text_decoder_name(name)] = (st, name)
     # Some checkpoints store a redundant lm_head alongside tied embeddings (or rotary buffers).
     ignore = lambda n: n.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and n == "lm_head.weight")  # noqa: E731
-    return assemble(config, lambda n: index[n][n], set(index), where=path, dtype=compute, param_dtype=params,
-                    mesh=mesh, rules=rules, ignore=ignore)
+    return assemble(config, lambda n: index[n][0][index[n][1]], set(index), where=path, dtype=compute,
+                    param_dtype=params, mesh=mesh, rules=rules, ignore=ignore)
+
+
+# A text-only `gemma3` (Gemma3ForConditionalGeneration) checkpoint nests the decoder under a language_model prefix
+# (transformers 5 and 4 spellings); its tensors are the Gemma3ForCausalLM ones.
+_WRAPPED_PREFIXES = ("model.language_model.", "language_model.model.")
+
+
+def _text_decoder_name(name: str) -> str:
+    for prefix in _WRAPPED_PREFIXES:
+        if name.startswith(prefix):
+            return "model." + name[len(prefix):]
+    if name.startswith("language_model.lm_head."):
+        return name[len("language_model."):]
+    return name
 
 
 def _safetensors_files(path: str) -> list[str]:

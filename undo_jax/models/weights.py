@@ -78,7 +78,9 @@ def _specs(config: ModelConfig) -> Iterator[TensorSpec]:
                                  _identity, _identity)
         for proj, shape in (("gate_proj", (d, f)), ("up_proj", (d, f)), ("down_proj", (f, d))):
             yield TensorSpec((*p, "mlp", proj), n + f"mlp.{proj}.weight", shape, *_linear(shape))
-        for norm in ("input_layernorm", "post_attention_layernorm"):
+        # Gemma 3's norms are stored as HF stores them (w, applied as 1 + w), so they map one to one too.
+        extra_norms = ("pre_feedforward_layernorm", "post_feedforward_layernorm") if c.is_gemma3 else ()
+        for norm in ("input_layernorm", "post_attention_layernorm", *extra_norms):
             yield TensorSpec((*p, norm, "weight"), n + f"{norm}.weight", (d,), _identity, _identity)
     yield TensorSpec(("norm", "weight"), "model.norm.weight", (d,), _identity, _identity)
     if not c.tie_word_embeddings:
