@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from tests.undo.conftest import demo_rows, tiny_config, write_tiny_student
-from undo_jax.configtree import ConfigError
+from undo_jax.configtree import ConfigError, to_flag_lines
 from undo_jax.undo import RunDir, run
 from undo_jax.undo.prepare import UndoError
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +72,15 @@ def test_distill_flags_are_checked_on_the_tree(tiny_student, tmp_path):
 def test_on_policy_distillation_samples_scores_and_reports(tiny_student, logit_teacher, tmp_path):
     run_dir = tmp_path / "gkd"
     # 8 examples, batch 8: 1 step per epoch, 2 epochs; every step on-policy.
-    cfg = tiny_config(run_dir, tiny_student, distill="on_policy", logit_teacher=str(logit_teacher), kd_top_k=8,
-                      kd_divergence="jsd", on_policy_fraction=1.0, on_policy_temperature=0.7,
-                      on_policy_max_new_tokens=8, max_iterations=1, train_size=8, eval_base=False)
-    run(cfg)
+    overrides = dict(distill="on_policy", logit_teacher=str(logit_teacher), kd_top_k=8, kd_divergence="jsd",
+                     on_policy_fraction=1.0, on_policy_temperature=0.7, on_policy_max_new_tokens=8, max_iterations=1,
+                     train_size=8, eval_base=False)
+    cfg = tiny_config(run_dir, tiny_student, **overrides)
+    # Through the command line, as a user runs it, in a fresh process (the suite's process has compiled a thousand
+    # programs by now: once, XLA crashed compiling this run's step there, and never in a process of its own).
+    proc = subprocess.run([sys.executable, "-m", "undo_jax.main", *to_flag_lines(cfg)], cwd=REPO, text=True,
+                          capture_output=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     rd = RunDir(run_dir)
     assert rd.marker_info(1, "teacher_logits")["computed"] > 0  # off-policy targets are cached as with logits
     assert rd.marker_info(1, "train")["distill"] == "on_policy"
