@@ -37,6 +37,23 @@ def pytest_sessionstart(session):
         raise pytest.UsageError(problem)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drop JAX's compiled executables after each test module.
+
+    Each XLA CPU executable keeps about three memory mappings; the whole suite in one process compiles enough
+    programs to approach the kernel's vm.max_map_count (65530), where XLA segfaulted while compiling late in the
+    suite (twice, in different tests that pass alone). Clearing the caches returns the mappings.
+    """
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
