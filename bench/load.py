@@ -110,6 +110,15 @@ def checkpoint_bytes(source: str) -> int:
 # ---------------------------------------------------------------- worker (runs in a fresh subprocess)
 
 def _peak_rss_bytes() -> int:
+    """This process's peak RSS: VmHWM of its own memory map. Not ru_maxrss, which Linux carries over from the
+    forked parent across exec, so a load started from a big process (the test suite) reported the parent's size."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
