@@ -5,6 +5,7 @@ after iterations 1 and 2, and the wall time per stage.
     python bench/svamp_learning.py                    # both modes, defaults sized for ~60 min of 2 CPU cores
     python bench/svamp_learning.py --quick            # a short version to measure step and answer times
     python bench/svamp_learning.py --modes=undo       # one mode only
+    python bench/svamp_learning.py --modes=undo --student=gemma3-270m-gguf   # Gemma 3 270M as the student
 
 Each mode is `python -m undo_jax.main` on its own run directory under --out (re-running resumes). With the
 reference teacher, regeneration returns the same gold rationales (it cannot read a gap report), so UNDO's
@@ -29,7 +30,7 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "svamp"
 # step by step. / 76 - 25 = 51. / The answer is 51.") and generation stops when a batch has finished, so the
 # 128-token limit costs time mainly in the base evaluation, where the verbose base model needs the room.
 COMMON = [
-    "--task=svamp", "--student=smollm2-gguf", "--teacher=reference", "--val_size=100", "--train_size=200",
+    "--task=svamp", "--teacher=reference", "--val_size=100", "--train_size=200",
     "--epochs_first=2", "--epochs_later=1", "--lr=5e-5", "--warmup_ratio=0.1", "--batch_size=8", "--micro_batch=8",
     "--max_length=256", "--max_new_tokens=128", "--eval_batch_size=50", "--eval_chunk=50", "--max_iterations=2",
     "--diagnosis_examples=20",
@@ -38,9 +39,10 @@ QUICK = ["--val_size=16", "--train_size=32", "--test_size=32", "--epochs_first=1
          "--eval_batch_size=16"]
 
 
-def run_mode(mode: str, out: Path, data: Path, extra: list[str], baseline: Path | None) -> dict:
+def run_mode(mode: str, out: Path, data: Path, student: str, extra: list[str], baseline: Path | None) -> dict:
     run_dir = out / f"svamp-{mode}"
-    cmd = [sys.executable, "-m", "undo_jax.main", *COMMON, f"--data_source={data}", f"--mode={mode}",
+    cmd = [sys.executable, "-m", "undo_jax.main", *COMMON, f"--student={student}", f"--data_source={data}",
+           f"--mode={mode}",
            f"--run_dir={run_dir}", *extra]
     if baseline is not None:
         cmd.append(f"--baseline_run={baseline}")
@@ -68,23 +70,29 @@ def main() -> None:
     p.add_argument("--out", default=str(REPO / "runs" / "bench"))
     p.add_argument("--data", default=os.environ.get("UNDO_SVAMP_DATA", str(DEFAULT_DATA)))
     p.add_argument("--modes", default="standard,undo")
+    p.add_argument("--student", default="smollm2-gguf",
+                   help="the student (a symbolic name, hub id or path), e.g. gemma3-270m-gguf")
     p.add_argument("--quick", action="store_true", help="a few questions only: measures per-step/per-answer cost")
     a, passthrough = p.parse_known_args()
     data = Path(a.data)
     if not data.exists():
         sys.exit(f"svamp_learning: no SVAMP data at {data} (pass --data or set UNDO_SVAMP_DATA)")
     out = Path(a.out) / ("quick" if a.quick else "full")
+    if a.student != "smollm2-gguf":  # keep the SmolLM2 runs where earlier notes point
+        out = out / a.student.replace("/", "_")
     extra = (QUICK if a.quick else []) + passthrough
     results, baseline = {}, None
     for mode in a.modes.split(","):
         # The base student is the same in both runs: evaluate it once (in the first run).
         mode_extra = extra + (["--noeval_base"] if results else [])
-        results[mode] = run_mode(mode, out, data, mode_extra, baseline if mode == "undo" else None)
+        results[mode] = run_mode(mode, out, data, a.student, mode_extra, baseline if mode == "undo" else None)
         results[mode].update(summarize(Path(results[mode]["run_dir"])))
         if mode == "standard":
             baseline = Path(results[mode]["run_dir"])
-    (out / "summary.json").write_text(json.dumps(results, indent=2))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps({"student": a.student, **results}, indent=2))
     base = next(iter(results.values()))["test_accuracy"].get(0)
+    print(f"student: {a.student}")
     for mode, r in results.items():
         acc = r["test_accuracy"]
         print(f"{mode}: test accuracy base {base}%, iteration 1 {acc.get(1)}%, iteration 2 {acc.get(2)}%; "

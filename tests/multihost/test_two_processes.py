@@ -162,3 +162,23 @@ def test_tensor_axis_across_processes_matches_one_process(all_runs):
     assert two[0]["generate"] == one[0]["generate"] == two[1]["generate"]
     assert_same_arrays(read_orbax(one_dir / "params_ckpt" / "params"), read_orbax(two_dir / "params_ckpt" / "params"),
                        "params_ckpt")
+
+
+def test_teacher_logit_pass_matches_one_process_and_only_process_zero_writes(all_runs):
+    one_dir, one = finished(all_runs, "one_process")
+    two_dir, two = finished(all_runs, "two_processes")
+    reference = one[0]["teacher_logits"]
+    assert len(reference) == 16
+    for report in two:  # every process holds every example's targets, equal to the one-process pass
+        assert report["teacher_logits_counts"] == {"computed": 16, "reused": 0}
+        assert report["teacher_logits_again"] == {"computed": 0, "reused": 16}  # the shards are found, not redone
+        assert sorted(report["teacher_logits"]) == sorted(reference)
+        for eid, (ids, logp, tail, same_on_disk) in report["teacher_logits"].items():
+            assert same_on_disk, f"process {report['process_index']}: example {eid} on disk differs from memory"
+            assert ids == reference[eid][0], eid
+            np.testing.assert_allclose(logp, reference[eid][1], rtol=0, atol=1e-5, err_msg=eid)
+            np.testing.assert_allclose(tail, reference[eid][2], rtol=0, atol=1e-5, err_msg=eid)
+    # Same shards on disk, written once (by process 0): as many as the one-process pass wrote.
+    one_shards = sorted(p.name for p in (one_dir / "teacher_logits").rglob("shard-*.npz"))
+    two_shards = sorted(p.name for p in (two_dir / "teacher_logits").rglob("shard-*.npz"))
+    assert len(two_shards) == len(one_shards) == 2  # 16 examples, batches of 8

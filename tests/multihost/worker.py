@@ -27,7 +27,8 @@ NUM_EXAMPLES = 16
 PROMPTS = [[{"role": "user", "content": q}] for q in
            ("What is 3 + 4?", "What is 12 + 30?", "What is 7 + 8?", "Add 5 and 6.", "What is 1 + 1?", "Sum 20 and 22.")]
 MAX_NEW_TOKENS = 10
-STEPS = ("train", "generate", "generate_distributed", "checkpoint", "export", "mismatch")
+TEACHER_TOP_K = 4
+STEPS = ("train", "teacher_logits", "generate", "generate_distributed", "checkpoint", "export", "mismatch")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -140,6 +141,26 @@ def main(argv: list[str]) -> int:
         with timed("train"):
             train(model, tokenizer, examples(), config, mesh=mesh, checkpoint_dir=args.out / "train_ckpt",
                   log_path=args.out / "train_log.jsonl")
+    if "teacher_logits" in steps:
+        from undo_jax.train.data import tokenize_examples
+        from undo_jax.train.teacher_logits import TeacherLogitStore, compute_teacher_logits, example_key
+
+        # The (trained) model as its own logit teacher, on the mesh: batch rows live on both processes' devices.
+        seqs, _ = tokenize_examples(tokenizer, examples(), TrainConfig(max_length=64))
+        by_id = {str(i): s for i, s in enumerate(seqs)}
+        folder = args.out / "teacher_logits"
+        with timed("teacher_logits"):
+            store = TeacherLogitStore(folder, "tiny", TEACHER_TOP_K)
+            report["teacher_logits_counts"] = compute_teacher_logits(model, by_id, store, batch_size=8, mesh=mesh)
+        reread = TeacherLogitStore(folder, "tiny", TEACHER_TOP_K)  # what a later stage of any process reads
+        report["teacher_logits"] = {}
+        for eid, s in by_id.items():
+            key = example_key("tiny", TEACHER_TOP_K, s)
+            held, read = store.get(key), reread.get(key)
+            report["teacher_logits"][eid] = [held.top_ids.tolist(), held.top_logp.tolist(), held.log_tail.tolist(),
+                                             bool((read.top_ids == held.top_ids).all()
+                                                  and (read.top_logp == held.top_logp).all())]
+        report["teacher_logits_again"] = compute_teacher_logits(model, by_id, reread, batch_size=8, mesh=mesh)
     if "generate" in steps:
         from undo_jax.sampling import generate
 

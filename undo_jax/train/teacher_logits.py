@@ -10,6 +10,10 @@ computes only the examples no shard holds. An example is found by its id *and* a
 teacher's identity, k and its token ids, so an example whose tokens changed is recomputed rather than
 served stale. Per completion token: k int32 ids + k float32 log-probs + one float32 tail = 8k + 4 bytes
 (260 B at k = 32).
+
+Multi-host: every process runs the same pass (the forward is one SPMD program over the global mesh) and gets
+every row's targets; only process 0 writes shards (the run directory is shared by all hosts), and no process
+reads the store before the pass has ended everywhere.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ class TeacherLogitStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         self._where: dict[str, tuple[Path, int]] = {}  # example key -> (shard, index in shard)
         self._open: dict[Path, dict[str, np.ndarray]] = {}
+        self._held: dict[str, SparseTargets] = {}  # computed here, written by another process
         for shard in sorted(self.folder.glob("shard-*.npz")):
             try:
                 with np.load(shard) as z:
@@ -77,10 +82,10 @@ class TeacherLogitStore:
                 self._where[key] = (shard, i)
 
     def __contains__(self, key: str) -> bool:
-        return key in self._where
+        return key in self._where or key in self._held
 
     def __len__(self) -> int:
-        return len(self._where)
+        return len(self._where.keys() | self._held.keys())
 
     def write(self, items: Sequence[tuple[str, SparseTargets]]) -> Path:
         """Write one shard (atomically) holding `items` [(key, targets)]; returns its path."""
@@ -111,7 +116,14 @@ class TeacherLogitStore:
             self._where[key] = (shard, i)
         return shard
 
+    def remember(self, items: Sequence[tuple[str, SparseTargets]]) -> None:
+        """Hold `items` in memory without writing (a process other than the writer of a multi-host pass)."""
+        for key, targets in items:
+            self._held[key] = targets
+
     def get(self, key: str) -> SparseTargets:
+        if key in self._held:
+            return self._held[key]
         if key not in self._where:
             raise KeyError(f"{self.folder}: no teacher logits for example key {key}")
         shard, i = self._where[key]
@@ -169,7 +181,7 @@ def teacher_targets(teacher, examples: Sequence[TokenizedExample], k: int, *, ba
         args = [jnp.asarray(a) for a in (tokens, positions, segment_ids)]
         if sharding is not None:
             args = [jax.device_put(a, sharding) for a in args]
-        top_logp, top_ids, log_tail = (np.asarray(x) for x in run(params, *args))
+        top_logp, top_ids, log_tail = (_host(x) for x in run(params, *args))
         targets = []
         for r, i in enumerate(group):
             ex = examples[i]
@@ -177,6 +189,28 @@ def teacher_targets(teacher, examples: Sequence[TokenizedExample], k: int, *, ba
             sl = slice(ex.completion_start - 1, len(ex) - 1)
             targets.append(SparseTargets(top_logp[r, sl], top_ids[r, sl], log_tail[r, sl]))
         yield group, targets
+
+
+def _host(array) -> np.ndarray:
+    """A whole output on the host; rows that other processes' devices hold are gathered (a collective)."""
+    if isinstance(array, jax.Array) and not array.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+    return np.asarray(array)
+
+
+def _check_same_todo(keys: Sequence[str], folder: Path) -> None:
+    """Every process must compute the same examples in the same order (else the shared batches would mix rows or
+    hang): a store scanned while another process was writing, or other examples, is a one-line error."""
+    from jax.experimental import multihost_utils
+
+    digest = np.frombuffer(hashlib.sha256("\0".join(keys).encode()).digest(), np.uint32).copy()
+    gathered = np.asarray(multihost_utils.process_allgather(digest)).reshape(jax.process_count(), -1)
+    if not (gathered == gathered[0]).all():
+        differ = [i for i in range(len(gathered)) if not (gathered[i] == gathered[0]).all()]
+        raise TeacherLogitsError(f"{folder}: processes {differ} would compute other teacher-logit examples than "
+                                 "process 0 (different training data or store contents per process)")
 
 
 def check_has_completion(examples: Mapping[str, TokenizedExample], where) -> None:
@@ -190,7 +224,8 @@ def compute_teacher_logits(teacher, examples: Mapping[str, TokenizedExample], st
                            batch_size: int = 8, mesh=None, progress: bool = False) -> dict[str, int]:
     """Fill `store` for every example it lacks; returns {"computed", "reused"} example counts.
 
-    Batches are length-sorted (`teacher_targets`); each is one shard written atomically.
+    Batches are length-sorted (`teacher_targets`); each is one shard written atomically (by process 0 only when
+    several processes run the pass; the others keep what they computed in memory).
     """
     check_has_completion(examples, store.folder)
     keys = {eid: example_key(store.teacher_id, store.k, ex) for eid, ex in examples.items()}
@@ -198,18 +233,30 @@ def compute_teacher_logits(teacher, examples: Mapping[str, TokenizedExample], st
     if store.k > teacher.config.vocab_size:
         raise TeacherLogitsError(f"{store.folder}: top-k {store.k} exceeds the teacher's vocabulary "
                                  f"({teacher.config.vocab_size})")
+    multi = jax.process_count() > 1
+    if multi:  # also a barrier: process 0 writes nothing before every process has scanned the store
+        _check_same_todo([keys[e] for e in todo], store.folder)
+    primary = jax.process_index() == 0
     bar = None
-    if progress:
+    if progress and primary:
         from undo_jax.progress import progress_bar
 
         bar = progress_bar(len(todo), "teacher logits", unit="ex")
     for group, targets in teacher_targets(teacher, [examples[e] for e in todo], store.k, batch_size=batch_size,
                                           mesh=mesh):
-        store.write([(keys[todo[i]], t) for i, t in zip(group, targets, strict=True)])
+        items = [(keys[todo[i]], t) for i, t in zip(group, targets, strict=True)]
+        if primary:
+            store.write(items)
+        else:
+            store.remember(items)
         if bar is not None:
             bar.update(len(group))
     if bar is not None:
         bar.close()
+    if multi:  # nobody reads the store (a new TeacherLogitStore scans the folder) before every shard is in place
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"teacher_logits:{store.folder.name}")
     return {"computed": len(todo), "reused": len(examples) - len(todo)}
 
 
