@@ -42,6 +42,11 @@ def test_logit_distillation_runs_caches_and_reports(tiny_student, logit_teacher,
     assert shards
     report = (run_dir / "report.md").read_text()
     assert f"logits of `{logit_teacher}` (top-8, reverse_kl, alpha 0.5, T 1.0)" in report
+    lines = report.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("| iteration | eval_train"))
+    assert lines[at].split(" | ")[4] == "teacher_logits"  # the stage's seconds are in the time table
+    seconds = f"{rd.marker_info(1, 'teacher_logits')['seconds']:.1f}"
+    assert lines[at + 3].startswith("| 1 | ") and lines[at + 3].split(" | ")[4] == seconds  # after iteration 0
     records = [json.loads(line) for line in (run_dir / "iter_1" / "train_log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses and all(x > 0 for x in losses)

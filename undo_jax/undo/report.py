@@ -13,7 +13,8 @@ from typing import Any
 
 from undo_jax.undo.rundir import RunDir, atomic_write_text, read_jsonl
 
-STAGES = ("eval_train", "gaps", "data", "train", "eval_val", "eval_test")
+STAGES = ("eval_train", "gaps", "data", "teacher_logits", "train", "eval_val", "eval_test")
+OPTIONAL_STAGES = ("teacher_logits",)  # a column only in runs that have the stage (--distill=logits|on_policy)
 LEDGER_FIELDS = ("calls", "cache_hits", "errors", "retries", "input_tokens", "output_tokens", "cost_usd")
 
 
@@ -36,6 +37,8 @@ def teacher_usage(rd: RunDir) -> dict[str, dict[str, dict[str, float]]]:
     out: dict[str, dict[str, dict[str, float]]] = {}
     for k in rd.iterations():
         for stage in STAGES:
+            if stage in OPTIONAL_STAGES:  # the logit teacher is a local model: no ledger (its marker names it)
+                continue
             info = rd.marker_info(k, stage) or {}
             for name, entry in (info.get("teacher") or {}).items():
                 out.setdefault(f"iter_{k}/{stage}", {})[name] = entry
@@ -158,10 +161,11 @@ def render(rd: RunDir, flags: dict[str, Any], metrics: list[dict[str, Any]], bas
             row += f" {_pct(b['val_accuracy']) if b else ''} | {_pct(b['test_accuracy']) if b else ''} |"
         lines.append(row)
     lines += ["", "![accuracy](accuracy.png)", ""]
-    lines += ["## Time per stage (seconds)", "", "| iteration | " + " | ".join(STAGES) + " | total |",
-              "|---:|" + "---:|" * (len(STAGES) + 1)]
+    columns = [s for s in STAGES if s not in OPTIONAL_STAGES or any(s in per for per in times.values())]
+    lines += ["## Time per stage (seconds)", "", "| iteration | " + " | ".join(columns) + " | total |",
+              "|---:|" + "---:|" * (len(columns) + 1)]
     for k, per in sorted(times.items()):
-        lines.append(f"| {k} | " + " | ".join(f"{per[s]:.1f}" if s in per else "" for s in STAGES)
+        lines.append(f"| {k} | " + " | ".join(f"{per[s]:.1f}" if s in per else "" for s in columns)
                      + f" | {sum(per.values()):.1f} |")
     lines += ["", "## Teacher cost ledger", ""]
     totals = total_usage(usage)
