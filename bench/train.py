@@ -265,10 +265,9 @@ def main():
         entry.update(undo_jax_s_per_step=jt, undo_jax_tokens_per_s=tokens_per_step / jt,
                      ratio_tokens_per_s_vs_torch=tt / jt, undo_jax_mfu=flops / jt / peak)
     results["load_average"] = os.getloadavg()
-    text = json.dumps(results, indent=1)
-    print(text)
+    print(json.dumps(results))  # one JSON object per line on stdout; the readable copy goes to --out
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":
