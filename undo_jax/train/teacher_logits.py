@@ -233,10 +233,12 @@ def compute_teacher_logits(teacher, examples: Mapping[str, TokenizedExample], st
     if store.k > teacher.config.vocab_size:
         raise TeacherLogitsError(f"{store.folder}: top-k {store.k} exceeds the teacher's vocabulary "
                                  f"({teacher.config.vocab_size})")
+    from undo_jax import distributed
+
     multi = jax.process_count() > 1
     if multi:  # also a barrier: process 0 writes nothing before every process has scanned the store
         _check_same_todo([keys[e] for e in todo], store.folder)
-    primary = jax.process_index() == 0
+    primary = distributed.is_primary()
     bar = None
     if progress and primary:
         from undo_jax.progress import progress_bar
@@ -254,9 +256,7 @@ def compute_teacher_logits(teacher, examples: Mapping[str, TokenizedExample], st
     if bar is not None:
         bar.close()
     if multi:  # nobody reads the store (a new TeacherLogitStore scans the folder) before every shard is in place
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(f"teacher_logits:{store.folder.name}")
+        distributed.sync(f"teacher_logits:{store.folder.name}")
     return {"computed": len(todo), "reused": len(examples) - len(todo)}
 
 
