@@ -127,6 +127,48 @@ def test_cached_decode_equals_full_forward(backend, hf_checkpoint, monkeypatch):
         np.testing.assert_allclose(np.asarray(got), full[:, p - 1 + j], atol=SAME, rtol=0)
 
 
+@pytest.mark.parametrize("backend", ["reference", "chunked", "xla"])
+def test_per_row_write_slots_equal_full_forward(backend, hf_checkpoint, monkeypatch):
+    """Decode with a write slot per row (continuous batching's layout: each row's prompt in its own bucket,
+    its tokens right after it) == one forward pass; stale valid entries left at the slots being written are
+    never read."""
+    _, model = _loaded(hf_checkpoint, "llama", backend)
+    vocab = model.config.vocab_size
+    buckets, lengths, n, s_len = [12, 4, 8], [12, 3, 6], 7, 12 + 7
+    ids = random_batch(3, 12 + n, vocab, seed=11).astype(np.int32)
+    cache = model.init_cache(3, s_len)
+    rows = []
+    for r, (p, length) in enumerate(zip(buckets, lengths, strict=True)):
+        mask = np.zeros((1, p), bool)
+        mask[0, p - length:] = True
+        pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+        small = model.init_cache(1, p)
+        hidden, small = model.prefill_hidden(jnp.asarray(ids[r:r + 1, 12 - p:12]), jnp.asarray(pos), small,
+                                             jnp.asarray(mask))
+        cache = cache._replace(k=cache.k.at[:, r, :, :p].set(small.k[:, 0]),
+                               v=cache.v.at[:, r, :, :p].set(small.v[:, 0]),
+                               positions=cache.positions.at[r, :p].set(pos[0]),
+                               valid=cache.valid.at[r, :p].set(mask[0]))
+        rows.append(model.logits_from_hidden(hidden[0, -1]))
+    step_logits = [jnp.stack(rows)]
+    monkeypatch.setattr("undo_jax.models.attention.DEFAULT_BLOCK", 4)
+    every = jnp.arange(3)
+    for j in range(n - 1):
+        pos = (np.asarray(lengths) + j)[:, None].astype(np.int32)
+        column = jnp.asarray(np.asarray(buckets) + j, jnp.int32)
+        # A stale entry where each row's new token goes (valid, position 0, large keys): it must be ignored.
+        cache = cache._replace(valid=cache.valid.at[every, column].set(True),
+                               k=cache.k.at[:, every, :, column].set(50.0))
+        logits, cache = model.decode_step(jnp.asarray(ids[:, 12 + j:13 + j]), jnp.asarray(pos), cache, column)
+        step_logits.append(logits[:, 0])
+    for r, length in enumerate(lengths):  # row r alone: its real prompt, then its tokens
+        text = np.concatenate([ids[r, 12 - length:12], ids[r, 12:]])[None]
+        full = jax_logits(model, text, np.ones_like(text))
+        for j, got in enumerate(step_logits):
+            np.testing.assert_allclose(np.asarray(got[r]), full[0, length - 1 + j], atol=SAME, rtol=0,
+                                       err_msg=f"row {r} token {j}")
+
+
 def test_chunked_decode_skips_the_unfilled_tail():
     """Keys past kv_filled are never read: NaNs there do not reach the output."""
     rng = np.random.default_rng(0)

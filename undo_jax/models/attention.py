@@ -63,7 +63,7 @@ def resolve_backend(name: str, *, self_attention: bool, platform: str | None = N
 def attention(q, k, v, *, q_positions, kv_positions, kv_valid=None, q_segment_ids=None, kv_segment_ids=None,
               sliding_window: int | None = None, window_active=None, kv_filled=None, layer=None,
               scale: float | None = None, backend: str = "auto", block_size: int | None = None,
-              interpret: bool = False):
+              interpret: bool = False, new_kv=None):
     """Masked multi-head attention -> [B, T, H, Dh] in q's dtype (softmax in float32).
 
     q [B, T, H, Dh]; k, v [B, KV, S, Dh], or [L, B, KV, S, Dh] with `layer` (an int or traced
@@ -73,6 +73,9 @@ def attention(q, k, v, *, q_positions, kv_positions, kv_valid=None, q_segment_id
     chunked backend skip the unfilled tail of a preallocated cache); window_active: None (the window,
     if any, always applies) or a bool scalar, possibly traced, saying whether `sliding_window` applies;
     scale default Dh ** -0.5; block_size: keys per chunked block (default DEFAULT_BLOCK).
+    new_kv: (k [B, KV, T, Dh], v [B, KV, T, Dh]) of the queries' own tokens (decode), attended besides the
+    cache under the same rule (their positions are q_positions, all valid). The cache is then only read, and
+    the caller writes the new keys after the layer scan: no per-layer update of the carried cache.
     """
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise AttentionError("attention: pass both q_segment_ids and kv_segment_ids, or neither")
@@ -82,11 +85,28 @@ def attention(q, k, v, *, q_positions, kv_positions, kv_valid=None, q_segment_id
     if kv_valid is None:
         kv_valid = jnp.ones(kv_positions.shape, bool)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    name = resolve_backend(backend, self_attention=q.shape[1] == s_len and kv_filled is None)
+    name = resolve_backend(backend, self_attention=q.shape[1] == s_len and kv_filled is None and new_kv is None)
+    if new_kv is not None and name not in ("reference", "chunked", "xla"):
+        raise AttentionError(f"attention backend {name!r}: decode against a cache (new_kv) needs reference, "
+                             "chunked or xla")
+    if new_kv is not None and q_segment_ids is not None:
+        raise AttentionError("attention: new_kv (decode) takes no segment ids")
+    if new_kv is not None and name == "chunked":
+        return _chunked_decode(q, k, v, new_kv, q_positions, kv_positions, kv_valid, layer=layer,
+                               kv_filled=kv_filled, block=min(block_size or DEFAULT_BLOCK, s_len),
+                               window=_traced_window(sliding_window, window_active), scale=scale)
     if k.ndim == 5:
         # One layer's [B, KV, S, Dh] slice first: measured 3-4x faster on XLA:CPU than reading key blocks
         # straight out of the stacked cache carried through the layer scan (that made XLA copy it).
         k, v = k[layer], v[layer]
+    if new_kv is not None:  # reference / xla: the new keys appended to the cache (a copy; fine off the hot path)
+        t = q.shape[1]
+        k = jnp.concatenate([k, new_kv[0].astype(k.dtype)], axis=2)
+        v = jnp.concatenate([v, new_kv[1].astype(v.dtype)], axis=2)
+        kv_positions = jnp.concatenate([kv_positions, q_positions.astype(kv_positions.dtype)], axis=1)
+        if kv_filled is not None:
+            kv_valid = kv_valid & (jnp.arange(s_len) < kv_filled)[None]
+        kv_valid = jnp.concatenate([kv_valid, jnp.ones((q.shape[0], t), bool)], axis=1)
     masks = (q_positions, kv_positions, kv_valid, q_segment_ids, kv_segment_ids)
     if name in ("tpu", "tpu_interpret") and sliding_window is not None and window_active is not None:
         # The splash kernel's mask is static: choose between the local and the causal kernel at run time.
@@ -94,8 +114,7 @@ def attention(q, k, v, *, q_positions, kv_positions, kv_valid=None, q_segment_id
             return _splash(q, k, v, *masks, window=window, scale=scale, interpret=interpret or name == "tpu_interpret")
 
         return jax.lax.cond(window_active, lambda: run(sliding_window), lambda: run(None))
-    if sliding_window is not None and window_active is not None:
-        sliding_window = jnp.where(window_active, jnp.int32(sliding_window), jnp.int32(NO_WINDOW))
+    sliding_window = _traced_window(sliding_window, window_active)
     if name == "reference":
         return _reference(q, k, v, *masks, window=sliding_window, scale=scale)
     if name == "xla":
@@ -111,6 +130,13 @@ def attention(q, k, v, *, q_positions, kv_positions, kv_valid=None, q_segment_id
 
 
 # ---------------------------------------------------------------- masks and layouts
+def _traced_window(window, active):
+    """The window as one value: None, the static int, or (with a traced switch) NO_WINDOW when off."""
+    if window is not None and active is not None:
+        return jnp.where(active, jnp.int32(window), jnp.int32(NO_WINDOW))
+    return window
+
+
 def allowed(q_pos, kv_pos, kv_valid, q_seg, kv_seg, window) -> jax.Array:
     """[B, T, S] bool: the attention rule of the module docstring."""
     ok = kv_valid[:, None, :] & (kv_pos[:, None, :] <= q_pos[:, :, None])
@@ -171,34 +197,74 @@ def _chunked_forward(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, *, kv_fill
     s_len = k.shape[-2]
     num_kv = k.shape[-3]
     qg = _group_queries(q, num_kv) * jnp.asarray(scale, q.dtype)
-    b, kvh, g, t, d = qg.shape
     num_blocks = math.ceil(s_len / block)
     if kv_filled is not None:
         num_blocks = jnp.minimum((kv_filled + block - 1) // block, num_blocks)
 
     def body(j, carry):
-        m, total, acc = carry
         start, first = _block_start(j, block, s_len)
         kb, vb, cols = _slice_keys(k, v, kv_pos, kv_valid, kv_seg, start, block)
-        mask = _block_mask(q_pos, q_seg, cols, start, first, block, window)
-        s = jnp.einsum("bkgth,bksh->bkgts", qg, kb, preferred_element_type=jnp.float32)
-        s = jnp.where(mask, s, MASK_VALUE)
-        m_new = jnp.maximum(m, s.max(-1))
-        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
-        corr = jnp.exp(m - m_new)
-        total = total * corr + p.sum(-1)
-        acc = acc * corr[..., None] + jnp.einsum("bkgts,bksh->bkgth", p.astype(vb.dtype), vb,
-                                                 preferred_element_type=jnp.float32)
-        return m_new, total, acc
+        return _online_update(carry, qg, kb, vb, _block_mask(q_pos, q_seg, cols, start, first, block, window))
 
-    init = (jnp.full((b, kvh, g, t), MASK_VALUE, jnp.float32), jnp.zeros((b, kvh, g, t), jnp.float32),
+    m, total, acc = jax.lax.fori_loop(0, num_blocks, body, _online_init(qg))
+    return _online_finish(m, total, acc, q.dtype)
+
+
+def _online_init(qg):
+    b, kvh, g, t, d = qg.shape
+    return (jnp.full((b, kvh, g, t), MASK_VALUE, jnp.float32), jnp.zeros((b, kvh, g, t), jnp.float32),
             jnp.zeros((b, kvh, g, t, d), jnp.float32))
-    m, total, acc = jax.lax.fori_loop(0, num_blocks, body, init)
+
+
+def _online_update(carry, qg, kb, vb, mask):
+    """One key block into the running (max, sum, weighted values) of the online softmax."""
+    m, total, acc = carry
+    s = jnp.einsum("bkgth,bksh->bkgts", qg, kb, preferred_element_type=jnp.float32)
+    s = jnp.where(mask, s, MASK_VALUE)
+    m_new = jnp.maximum(m, s.max(-1))
+    p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+    corr = jnp.exp(m - m_new)
+    total = total * corr + p.sum(-1)
+    acc = acc * corr[..., None] + jnp.einsum("bkgts,bksh->bkgth", p.astype(vb.dtype), vb,
+                                             preferred_element_type=jnp.float32)
+    return m_new, total, acc
+
+
+def _online_finish(m, total, acc, dtype):
+    """-> (out [B, T, H, Dh], lse [B, KV, G, T] float32; +inf on fully masked rows)."""
     seen = total > 0  # False: a fully masked query row (output 0, lse +inf so its backward is 0)
     safe = jnp.where(seen, total, 1.0)
     out = acc / safe[..., None]
     lse = jnp.where(seen, m + jnp.log(safe), jnp.inf)
-    return _ungroup(out).astype(q.dtype), lse
+    return _ungroup(out).astype(dtype), lse
+
+
+def _chunked_decode(q, k, v, new_kv, q_pos, kv_pos, kv_valid, *, layer, kv_filled, block, window, scale):
+    """Decode: the online softmax over the filled blocks of the (read-only) cache, then over the queries' own
+    keys new_kv. k/v [B, KV, S, Dh], or the stacked [L, B, KV, S, Dh] with `layer`: each key block is sliced
+    straight out of the stack (no copy of the layer's whole cache)."""
+    s_len = k.shape[-2]
+    qg = _group_queries(q, k.shape[-3]) * jnp.asarray(scale, q.dtype)
+    num_blocks = math.ceil(s_len / block)
+    if kv_filled is not None:
+        num_blocks = jnp.minimum((kv_filled + block - 1) // block, num_blocks)
+    if k.ndim == 4:
+        k, v, layer = k[None], v[None], 0
+
+    def body(j, carry):
+        start, first = _block_start(j, block, s_len)
+        at = (layer, 0, 0, start, 0)
+        size = (1, *k.shape[1:3], block, k.shape[4])
+        kb = jax.lax.dynamic_slice(k, at, size)[0]
+        vb = jax.lax.dynamic_slice(v, at, size)[0]
+        cols = (jax.lax.dynamic_slice_in_dim(kv_pos, start, block, axis=1),
+                jax.lax.dynamic_slice_in_dim(kv_valid, start, block, axis=1), None)
+        return _online_update(carry, qg, kb, vb, _block_mask(q_pos, None, cols, start, first, block, window))
+
+    carry = jax.lax.fori_loop(0, num_blocks, body, _online_init(qg))
+    own = allowed(q_pos, q_pos, jnp.ones(q_pos.shape, bool), None, None, window)[:, None, None]
+    carry = _online_update(carry, qg, new_kv[0].astype(k.dtype), new_kv[1].astype(v.dtype), own)
+    return _online_finish(*carry, q.dtype)[0]
 
 
 @functools.cache

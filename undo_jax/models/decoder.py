@@ -355,7 +355,8 @@ class CausalLM(nnx.Module):
         return self.norm(x), cache
 
     def decode_step(self, input_ids, positions, cache: KVCache, cache_index, kv_filled=None):
-        """Run T new tokens against the cache; they are written at slots cache_index..cache_index+T-1.
+        """Run T new tokens against the cache; they are written at slots cache_index..cache_index+T-1
+        (cache_index: a scalar, or [B] for a slot per row).
 
         Query t attends slot s iff cache.valid[b, s] and cache.positions[b, s] <= positions[b, t].
         """
@@ -365,30 +366,44 @@ class CausalLM(nnx.Module):
     def decode_hidden(self, input_ids, positions, cache: KVCache, cache_index, kv_filled=None):
         """`decode_step` without the vocabulary projection: (final-norm hidden states [B,T,D], cache).
 
-        Attention visits only slots below `kv_filled` (default cache_index + T: the chunked backend skips the
-        empty tail). A caller whose rows fill the cache out of order (continuous batching's ring of generated
-        slots) passes its own bound.
+        The layer scan only reads the cache: each layer attends over the cache's filled slots plus the new
+        tokens' own keys, and returns those keys; they are written once after the scan, in place (a slice
+        update for a shared scalar `cache_index`, a per-row scatter for a [B] one). Writing into a cache
+        carried through the scan made XLA:CPU copy each layer's cache every step.
+
+        Attention visits only cache slots below `kv_filled` (default: the write slot, max over rows; the
+        chunked backend skips the empty tail). A caller whose rows fill the cache out of order passes its
+        own bound. Slots being written are never read as old entries, whatever they held before.
         """
         b, t = input_ids.shape
         positions = positions.astype(jnp.int32)
-        cache_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (0, cache_index))
-        cache_valid = jax.lax.dynamic_update_slice(cache.valid, jnp.ones((b, t), bool), (0, cache_index))
-        filled = cache_index + t if kv_filled is None else kv_filled
+        cache_index = jnp.asarray(cache_index, jnp.int32)
+        per_row = cache_index.ndim == 1
+
+        def write(buffer, update, axis):
+            """update [..., B, ..., T, ...] into buffer at cache_index along `axis` (the slot axis)."""
+            if not per_row:
+                return jax.lax.dynamic_update_slice_in_dim(buffer, update.astype(buffer.dtype), cache_index, axis)
+            row_axis = axis - 1 if axis == 1 else 1  # [B, S] metadata: rows on 0; [L, B, KV, S, Dh]: rows on 1
+            one = jax.vmap(lambda buf, upd, i: jax.lax.dynamic_update_slice_in_dim(buf, upd, i, axis - 1),
+                           in_axes=(row_axis, row_axis, 0), out_axes=row_axis)
+            return one(buffer, update.astype(buffer.dtype), cache_index)
+
+        old_valid = write(cache.valid, jnp.zeros((b, t), bool), 1)
+        filled = (jnp.max(cache_index) if per_row else cache_index) if kv_filled is None else kv_filled
         rope = self._rope(positions)
 
-        def body(carry, layer, xs):
-            x, k_all, v_all = carry
+        def body(x, layer, xs):
             q, k, v = layer.qkv(layer.input_layernorm(x), *self._layer_rope(rope, xs))
-            index = xs["index"]
-            at = (index, 0, 0, cache_index, 0)
-            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
-            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
-            out = self._attend(q, k_all, v_all, layer=index, q_positions=positions, kv_positions=cache_positions,
-                               kv_valid=cache_valid, kv_filled=filled, **self._window(xs))
-            return (layer.finish(x, out.astype(x.dtype)), k_all, v_all), None
+            out = self._attend(q, cache.k, cache.v, layer=xs["index"], q_positions=positions,
+                               kv_positions=cache.positions, kv_valid=old_valid, kv_filled=filled, new_kv=(k, v),
+                               **self._window(xs))
+            return layer.finish(x, out.astype(x.dtype)), (k, v)
 
-        (x, k_all, v_all), _ = self._run_layers(body, (self.embed(input_ids), cache.k, cache.v), self._layer_xs())
-        return self.norm(x), KVCache(k_all, v_all, cache_positions, cache_valid)
+        x, (k_new, v_new) = self._run_layers(body, self.embed(input_ids), self._layer_xs())
+        new_cache = KVCache(write(cache.k, k_new, 3), write(cache.v, v_new, 3), write(cache.positions, positions, 1),
+                            write(cache.valid, jnp.ones((b, t), bool), 1))
+        return self.norm(x), new_cache
 
 
 def set_attention(model: CausalLM, backend: str) -> CausalLM:

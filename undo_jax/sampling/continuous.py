@@ -6,12 +6,11 @@ KV cache [L, B, KV, S, Dh]: the device runs `steps` decode steps (`lax.while_loo
 retires the finished slots and inserts waiting prompts into them (one jitted prefill per prompt-length
 bucket, several prompts per insert), and so on until every row is done.
 
-A slot's prompt (left padded to its bucket P) sits in cache slots 0..P-1. Generated tokens go to a ring of
-N = max_new_tokens slots after the largest bucket P_max, at column P_max + (g mod N) for global decode step g,
-the same column for every row: one in-place `dynamic_update_slice` per layer, as in the static engine, instead
-of a per-row scatter. A row decodes at most N - 1 steps in a row, so it never overwrites its own keys;
-attention reads per-slot positions and validity, so the order of the columns does not matter, and an insert
-marks the slot's old ring entries invalid. S = P_max + N.
+A slot's prompt (left padded to its bucket P) sits in cache slots 0..P-1 and its generated tokens follow at
+P, P+1, ... (`Slots.base` = P): each row writes its own column. The layer scan only reads the cache and the new
+keys are scattered in after it (one in-place per-row write per step, `CausalLM.decode_hidden`), and attention
+visits the blocks below the longest live row's fill, not the whole cache. An insert marks the slot's old
+entries invalid. S = P_max + max_new_tokens.
 
 A row's sampling key is fold_in(fold_in(seed key, prompt index), sample index), folded with the index of the
 token in the row, exactly as in the static engine: what a row samples does not
@@ -53,6 +52,7 @@ class Slots(NamedTuple):
     tok: jax.Array  # [B] int32: the last emitted token, input of the next step
     position: jax.Array  # [B] int32: RoPE position of `tok`
     step: jax.Array  # [B] int32: tokens emitted so far (index of the next one)
+    base: jax.Array  # [B] int32: cache column of the row's first generated token (its prompt bucket)
     done: jax.Array  # [B] bool: finished, or free
     keys: jax.Array  # [B] typed PRNG keys of the rows
     tokens: jax.Array  # [B, N] int32
@@ -66,7 +66,7 @@ def empty_slots(batch: int, max_new_tokens: int, window: int, seed_key) -> Slots
     def zeros():
         return jnp.zeros((batch,), jnp.int32)
 
-    return Slots(zeros(), zeros(), zeros(), jnp.ones((batch,), bool), jax.random.split(seed_key, batch),
+    return Slots(zeros(), zeros(), zeros(), zeros(), jnp.ones((batch,), bool), jax.random.split(seed_key, batch),
                  jnp.zeros((batch, max_new_tokens), jnp.int32), jnp.full((batch, window), engine._NO_TOKEN, jnp.int32),
                  jnp.full((batch,), max_new_tokens, jnp.int32), zeros())
 
@@ -122,7 +122,7 @@ def insert(graphdef, state, cache: KVCache, slots: Slots, slot_ids, input_ids, p
     )
     keys = jax.vmap(lambda ids: jax.random.fold_in(jax.random.fold_in(base_key, ids[0]), ids[1]))(row_ids)
     zeros = jnp.zeros((n,), jnp.int32)
-    fresh = Slots(zeros, real_lengths.astype(jnp.int32), zeros, jnp.zeros((n,), bool),
+    fresh = Slots(zeros, real_lengths.astype(jnp.int32), zeros, jnp.full((n,), p, jnp.int32), jnp.zeros((n,), bool),
                   keys, jnp.zeros((n, settings.max_new_tokens), jnp.int32),
                   jnp.full((n, slots.window.shape[1]), engine._NO_TOKEN, jnp.int32),
                   jnp.full((n,), settings.max_new_tokens, jnp.int32), zeros)
@@ -133,32 +133,27 @@ def insert(graphdef, state, cache: KVCache, slots: Slots, slot_ids, input_ids, p
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "settings"), donate_argnames=("cache", "slots"))
-def decode(graphdef, state, cache: KVCache, slots: Slots, step, end_ids, stop_table, *, settings: SlotSettings):
+def decode(graphdef, state, cache: KVCache, slots: Slots, end_ids, stop_table, *, settings: SlotSettings):
     """Up to `settings.steps` decode steps for every live slot; stops early when all are done.
-
-    step: the global decode step (int32 scalar) -> (cache, slots, step after the last step run).
-    """
+    -> (cache, slots)."""
     model = nnx.merge(graphdef, state)
-    n = settings.max_new_tokens
-    s_len = cache.valid.shape[1]
-    ring = s_len - n  # first column of the generated-token ring
 
     def cond(carry):
-        i, _, s, _ = carry
+        i, _, s = carry
         return (i < settings.steps) & ~jnp.all(s.done)
 
     def body(carry):
-        i, cache, s, g = carry
+        i, cache, s = carry
         live = ~s.done
-        column = ring + g % n
-        filled = jnp.minimum(ring + g + 1, s_len)  # every ring column is in use once g >= n
+        column = s.base + s.step - 1  # where the input token (the row's token step - 1) goes
+        filled = jnp.max(jnp.where(live, column, 0))  # every live row's earlier slots lie below
         logits, cache = model.decode_step(s.tok[:, None], s.position[:, None], cache, column, kv_filled=filled)
         tok = _choose(logits[:, 0], s.keys, s.step, settings.sampling)
         s = s._replace(position=s.position + live)
-        return i + 1, cache, _emit(s, tok, live, end_ids, stop_table, settings), g + 1
+        return i + 1, cache, _emit(s, tok, live, end_ids, stop_table, settings)
 
-    _, cache, slots, step = jax.lax.while_loop(cond, body, (jnp.int32(0), cache, slots, step))
-    return cache, slots, step
+    _, cache, slots = jax.lax.while_loop(cond, body, (jnp.int32(0), cache, slots))
+    return cache, slots
 
 
 def _pow2(n: int) -> int:
@@ -183,7 +178,6 @@ def run(model, place, prompt_ids, rows, *, slots: int, max_new_tokens: int, samp
     # Longest prompts first: they are the ones that would otherwise start last and end the run alone.
     queue = deque(sorted(range(len(rows)), key=lambda r: (-lengths[r], r)))
     owner: list[int | None] = [None] * slots
-    global_step = place.whole(np.int32(0))
     # Slot-steps: decode steps x slots the device ran; live ones produced a token of an unfinished row
     # (each row's first token comes from its insert's prefill, not from a decode step).
     stats = {"slot_steps": 0, "live_slot_steps": 0, "device_calls": 0}
@@ -215,8 +209,7 @@ def run(model, place, prompt_ids, rows, *, slots: int, max_new_tokens: int, samp
                     settings=settings)
                 stats["device_calls"] += 1
         before = place.host(state_slots.step)
-        cache, state_slots, global_step = decode(graphdef, state, cache, state_slots, global_step, end_table,
-                                                 stop_table, settings=settings)
+        cache, state_slots = decode(graphdef, state, cache, state_slots, end_table, stop_table, settings=settings)
         stats["device_calls"] += 1
         done, step = place.host(state_slots.done), place.host(state_slots.step)
         live_steps = int(np.sum(step - before))
