@@ -384,10 +384,18 @@ class CausalLM(nnx.Module):
             """update [..., B, ..., T, ...] into buffer at cache_index along `axis` (the slot axis)."""
             if not per_row:
                 return jax.lax.dynamic_update_slice_in_dim(buffer, update.astype(buffer.dtype), cache_index, axis)
-            row_axis = axis - 1 if axis == 1 else 1  # [B, S] metadata: rows on 0; [L, B, KV, S, Dh]: rows on 1
-            one = jax.vmap(lambda buf, upd, i: jax.lax.dynamic_update_slice_in_dim(buf, upd, i, axis - 1),
-                           in_axes=(row_axis, row_axis, 0), out_axes=row_axis)
-            return one(buffer, update.astype(buffer.dtype), cache_index)
+            # One in-place slice update per row: XLA:CPU turns a vmapped update (a scatter) into a copy of the
+            # whole cache.
+            row_axis = 0 if axis == 1 else 1  # [B, S] metadata: rows on 0; [L, B, KV, S, Dh]: rows on 1
+            update = update.astype(buffer.dtype)
+
+            def one(r, buf):
+                start = [0] * buf.ndim
+                start[row_axis], start[axis] = r, cache_index[r]
+                row = jax.lax.dynamic_slice_in_dim(update, r, 1, row_axis)
+                return jax.lax.dynamic_update_slice(buf, row, start)
+
+            return jax.lax.fori_loop(0, b, one, buffer)
 
         old_valid = write(cache.valid, jnp.zeros((b, t), bool), 1)
         filled = (jnp.max(cache_index) if per_row else cache_index) if kv_filled is None else kv_filled
