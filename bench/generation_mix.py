@@ -13,6 +13,7 @@ the device ran) and greedy agreement with the static engine; then one line per s
 `ratio_continuous_over_static` (useful tokens/s).
 
     python bench/generation_mix.py [--prompts 300] [--new-tokens 256] [--batch 32] [--trained runs/demo/final]
+        [--steps-per-refill 8] [--no-transformers]
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def useful_tokens(out) -> int:
 
 
 def run_ours(model, tokenizer, prompts, engine, args) -> tuple[dict, list]:
-    kw = dict(max_new_tokens=args.new_tokens, batch_size=args.batch, engine=engine)
+    kw = dict(max_new_tokens=args.new_tokens, batch_size=args.batch, engine=engine,
+              steps_per_refill=args.steps_per_refill)
     generate(model, tokenizer, prompts, **kw)  # warm-up: every shape compiled
     stats: dict = {}
     start = time.perf_counter()
@@ -112,7 +114,8 @@ def bench_student(name, source, hf_dir, prompts, args):
         record["same_as_static"] = sum(a == b for a, b in zip(ids, static_ids, strict=True))
         results[engine] = record
         emit({"student": name, "engine": engine, "prompts": len(prompts), "new_tokens": args.new_tokens,
-              "batch": args.batch, **record})
+              "batch": args.batch, "steps_per_refill": args.steps_per_refill if engine == "continuous" else None,
+              **record})
     if not args.no_transformers:
         ends = end_token_ids(tokenizer, model.config)
         record, hf_ids = run_transformers(hf_dir, tokenizer, prompts, args, set(ends))
@@ -135,6 +138,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--trained", default=None, help="HF folder of a fine-tuned student (e.g. RUN/final)")
     parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--steps-per-refill", type=int, default=8, help="continuous engine: decode steps per device call")
     parser.add_argument("--no-transformers", action="store_true")
     args = parser.parse_args()
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
