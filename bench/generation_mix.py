@@ -140,16 +140,21 @@ def main() -> None:
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--steps-per-refill", type=int, default=8, help="continuous engine: decode steps per device call")
     parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--students", default="base,trained", help="which of base,trained to run")
     args = parser.parse_args()
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     emit({"machine": os.uname().nodename, "load": load, "cpus": os.cpu_count()})
     prompts = svamp_prompts(args.prompts)
     gguf = smollm2_gguf_path()
-    with tempfile.TemporaryDirectory() as tmp:
-        hf_dir = str(Path(tmp) / "base")
-        save_pretrained(load_pretrained(gguf), hf_dir, tokenizer=load_tokenizer(gguf))
-        bench_student("base", gguf, hf_dir, prompts, args)
-    if args.trained:
+    students = args.students.split(",")
+    if "base" in students:
+        with tempfile.TemporaryDirectory() as tmp:
+            hf_dir = str(Path(tmp) / "base")
+            save_pretrained(load_pretrained(gguf), hf_dir, tokenizer=load_tokenizer(gguf))
+            bench_student("base", gguf, hf_dir, prompts, args)
+    if "trained" not in students:
+        pass
+    elif args.trained:
         bench_student("trained", args.trained, args.trained, prompts, args)
     else:
         emit({"student": "trained", "skipped": "no --trained folder given"})

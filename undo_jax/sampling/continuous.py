@@ -156,8 +156,14 @@ def decode(graphdef, state, cache: KVCache, slots: Slots, end_ids, stop_table, *
     return cache, slots
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
+def _power_of_two_parts(items: list) -> list[list]:
+    """items cut into runs of 2^k, largest first: 13 items -> 8, 4, 1."""
+    parts, start = [], 0
+    for k in reversed(range(len(items).bit_length())):
+        if len(items) >> k & 1:
+            parts.append(items[start:start + (1 << k)])
+            start += 1 << k
+    return parts
 
 
 def run(model, place, prompt_ids, rows, *, slots: int, max_new_tokens: int, sampling: SamplingSettings,
@@ -188,26 +194,28 @@ def run(model, place, prompt_ids, rows, *, slots: int, max_new_tokens: int, samp
             by_bucket: dict[int, list[int]] = {}
             for r in take:
                 by_bucket.setdefault(bucket(lengths[r]), []).append(r)
-            for p, group in sorted(by_bucket.items(), reverse=True):
-                n = min(_pow2(len(group)), slots)
-                ids = np.zeros((n, p), np.int32)
-                mask = np.zeros((n, p), bool)
-                real = np.ones(n, np.int32)
-                row_ids = np.zeros((n, 2), np.int32)
-                slot_ids = np.full(n, slots, np.int32)  # >= slots: a padding entry, dropped
-                for j, r in enumerate(group):
-                    prompt = prompt_ids[rows[r][0]]
-                    ids[j, p - len(prompt):] = prompt
-                    mask[j, p - len(prompt):] = True
-                    real[j], row_ids[j] = len(prompt), rows[r]
-                    slot_ids[j] = free.pop(0)
-                    owner[slot_ids[j]] = r
-                mask[len(group):, -1] = True  # padding entries: one dummy token
-                positions = np.maximum(np.cumsum(mask, axis=1, dtype=np.int32) - 1, 0)
-                cache, state_slots = insert(graphdef, state, cache, state_slots, *map(place.whole, (
-                    slot_ids, ids, positions, mask, real, row_ids)), base_key, end_table, stop_table,
-                    settings=settings)
-                stats["device_calls"] += 1
+            for p, bucket_rows in sorted(by_bucket.items(), reverse=True):
+                # Inserts of 2^k prompts (13 = 8 + 4 + 1): a few compiled shapes, and no prefill spent on
+                # padding rows (a prompt's prefill costs as much as tens of decode slot-steps).
+                for group in _power_of_two_parts(bucket_rows):
+                    n = len(group)
+                    ids = np.zeros((n, p), np.int32)
+                    mask = np.zeros((n, p), bool)
+                    real = np.ones(n, np.int32)
+                    row_ids = np.zeros((n, 2), np.int32)
+                    slot_ids = np.zeros(n, np.int32)
+                    for j, r in enumerate(group):
+                        prompt = prompt_ids[rows[r][0]]
+                        ids[j, p - len(prompt):] = prompt
+                        mask[j, p - len(prompt):] = True
+                        real[j], row_ids[j] = len(prompt), rows[r]
+                        slot_ids[j] = free.pop(0)
+                        owner[slot_ids[j]] = r
+                    positions = np.maximum(np.cumsum(mask, axis=1, dtype=np.int32) - 1, 0)
+                    cache, state_slots = insert(graphdef, state, cache, state_slots, *map(place.whole, (
+                        slot_ids, ids, positions, mask, real, row_ids)), base_key, end_table, stop_table,
+                        settings=settings)
+                    stats["device_calls"] += 1
         before = place.host(state_slots.step)
         cache, state_slots = decode(graphdef, state, cache, state_slots, end_table, stop_table, settings=settings)
         stats["device_calls"] += 1
