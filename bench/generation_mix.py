@@ -138,7 +138,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--trained", default=None, help="HF folder of a fine-tuned student (e.g. RUN/final)")
     parser.add_argument("--torch-threads", type=int, default=1)
-    parser.add_argument("--steps-per-refill", type=int, default=8, help="continuous engine: decode steps per device call")
+    parser.add_argument("--steps-per-refill", type=int, default=8,
+                        help="continuous engine: decode steps per device call")
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--students", default="base,trained", help="which of base,trained to run")
     args = parser.parse_args()
