@@ -177,9 +177,16 @@ def _block_start(j, block, s_len):
     return jnp.minimum(first, s_len - block), first
 
 
-def _slice_keys(k, v, kv_pos, kv_valid, kv_seg, start, block):
-    kb = jax.lax.dynamic_slice_in_dim(k, start, block, axis=2)
-    vb = jax.lax.dynamic_slice_in_dim(v, start, block, axis=2)
+def _slice_keys(k, v, kv_pos, kv_valid, kv_seg, start, block, layer=None):
+    """One key block; from a stacked [L, B, KV, S, Dh] cache (with `layer`) it is sliced straight out of the
+    stack, with no copy of the layer's whole cache."""
+    if layer is None:
+        kb = jax.lax.dynamic_slice_in_dim(k, start, block, axis=2)
+        vb = jax.lax.dynamic_slice_in_dim(v, start, block, axis=2)
+    else:
+        size = (1, *k.shape[1:3], block, k.shape[4])
+        kb = jax.lax.dynamic_slice(k, (layer, 0, 0, start, 0), size)[0]
+        vb = jax.lax.dynamic_slice(v, (layer, 0, 0, start, 0), size)[0]
     cols = (jax.lax.dynamic_slice_in_dim(kv_pos, start, block, axis=1),
             jax.lax.dynamic_slice_in_dim(kv_valid, start, block, axis=1),
             None if kv_seg is None else jax.lax.dynamic_slice_in_dim(kv_seg, start, block, axis=1))
@@ -194,20 +201,25 @@ def _block_mask(q_pos, q_seg, cols, start, first, block, window):
 
 def _chunked_forward(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, *, kv_filled, block, window, scale):
     """-> (out [B, T, H, Dh], lse [B, KV, G, T] float32; +inf on fully masked rows)."""
+    qg = _group_queries(q, k.shape[-3]) * jnp.asarray(scale, q.dtype)
+    carry = _chunked_blocks(qg, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, kv_filled=kv_filled, block=block,
+                            window=window)
+    return _online_finish(*carry, q.dtype)
+
+
+def _chunked_blocks(qg, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, *, kv_filled, block, window, layer=None):
+    """The online softmax carry over the key blocks below kv_filled (all blocks when None)."""
     s_len = k.shape[-2]
-    num_kv = k.shape[-3]
-    qg = _group_queries(q, num_kv) * jnp.asarray(scale, q.dtype)
     num_blocks = math.ceil(s_len / block)
     if kv_filled is not None:
         num_blocks = jnp.minimum((kv_filled + block - 1) // block, num_blocks)
 
     def body(j, carry):
         start, first = _block_start(j, block, s_len)
-        kb, vb, cols = _slice_keys(k, v, kv_pos, kv_valid, kv_seg, start, block)
+        kb, vb, cols = _slice_keys(k, v, kv_pos, kv_valid, kv_seg, start, block, layer)
         return _online_update(carry, qg, kb, vb, _block_mask(q_pos, q_seg, cols, start, first, block, window))
 
-    m, total, acc = jax.lax.fori_loop(0, num_blocks, body, _online_init(qg))
-    return _online_finish(m, total, acc, q.dtype)
+    return jax.lax.fori_loop(0, num_blocks, body, _online_init(qg))
 
 
 def _online_init(qg):
@@ -240,28 +252,11 @@ def _online_finish(m, total, acc, dtype):
 
 
 def _chunked_decode(q, k, v, new_kv, q_pos, kv_pos, kv_valid, *, layer, kv_filled, block, window, scale):
-    """Decode: the online softmax over the filled blocks of the (read-only) cache, then over the queries' own
-    keys new_kv. k/v [B, KV, S, Dh], or the stacked [L, B, KV, S, Dh] with `layer`: each key block is sliced
-    straight out of the stack (no copy of the layer's whole cache)."""
-    s_len = k.shape[-2]
+    """Decode: the online softmax over the filled blocks of the (read-only) cache, then one more update with the
+    queries' own keys new_kv. k/v [B, KV, S, Dh], or the stacked [L, B, KV, S, Dh] with `layer`."""
     qg = _group_queries(q, k.shape[-3]) * jnp.asarray(scale, q.dtype)
-    num_blocks = math.ceil(s_len / block)
-    if kv_filled is not None:
-        num_blocks = jnp.minimum((kv_filled + block - 1) // block, num_blocks)
-    if k.ndim == 4:
-        k, v, layer = k[None], v[None], 0
-
-    def body(j, carry):
-        start, first = _block_start(j, block, s_len)
-        at = (layer, 0, 0, start, 0)
-        size = (1, *k.shape[1:3], block, k.shape[4])
-        kb = jax.lax.dynamic_slice(k, at, size)[0]
-        vb = jax.lax.dynamic_slice(v, at, size)[0]
-        cols = (jax.lax.dynamic_slice_in_dim(kv_pos, start, block, axis=1),
-                jax.lax.dynamic_slice_in_dim(kv_valid, start, block, axis=1), None)
-        return _online_update(carry, qg, kb, vb, _block_mask(q_pos, None, cols, start, first, block, window))
-
-    carry = jax.lax.fori_loop(0, num_blocks, body, _online_init(qg))
+    carry = _chunked_blocks(qg, k, v, q_pos, kv_pos, kv_valid, None, None, kv_filled=kv_filled, block=block,
+                            window=window, layer=layer if k.ndim == 5 else None)
     own = allowed(q_pos, q_pos, jnp.ones(q_pos.shape, bool), None, None, window)[:, None, None]
     carry = _online_update(carry, qg, new_kv[0].astype(k.dtype), new_kv[1].astype(v.dtype), own)
     return _online_finish(*carry, q.dtype)[0]

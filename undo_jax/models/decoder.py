@@ -368,7 +368,7 @@ class CausalLM(nnx.Module):
 
         The layer scan only reads the cache: each layer attends over the cache's filled slots plus the new
         tokens' own keys, and returns those keys; they are written once after the scan, in place (a slice
-        update for a shared scalar `cache_index`, a per-row scatter for a [B] one). Writing into a cache
+        update at a shared scalar `cache_index`, one slice update per row for a [B] one). Writing into a cache
         carried through the scan made XLA:CPU copy each layer's cache every step.
 
         Attention visits only cache slots below `kv_filled` (default: the write slot, max over rows; the

@@ -8,7 +8,7 @@ bucket, several prompts per insert), and so on until every row is done.
 
 A slot's prompt (left padded to its bucket P) sits in cache slots 0..P-1 and its generated tokens follow at
 P, P+1, ... (`Slots.base` = P): each row writes its own column. The layer scan only reads the cache and the new
-keys are scattered in after it (one in-place per-row write per step, `CausalLM.decode_hidden`), and attention
+keys are written after it (one in-place slice update per row and step, `CausalLM.decode_hidden`), and attention
 visits the blocks below the longest live row's fill, not the whole cache. An insert marks the slot's old
 entries invalid. S = P_max + max_new_tokens.
 
@@ -104,8 +104,7 @@ def insert(graphdef, state, cache: KVCache, slots: Slots, slot_ids, input_ids, p
            real_lengths, row_ids, base_key, end_ids, stop_table, *, settings: SlotSettings):
     """Prefill n prompts (left padded to one bucket P) and put them into slots `slot_ids` [n].
 
-    slot_ids entries >= B are padding (their writes are dropped). Each inserted row's first token is
-    sampled from its last prompt position, as in the static engine.
+    Each inserted row's first token is sampled from its last prompt position, as in the static engine.
     """
     model = nnx.merge(graphdef, state)
     n, p = input_ids.shape
@@ -113,12 +112,11 @@ def insert(graphdef, state, cache: KVCache, slots: Slots, slot_ids, input_ids, p
     hidden, small = model.prefill_hidden(input_ids, positions, small, prompt_mask)
     logits = model.logits_from_hidden(hidden[:, -1])
     s_len = cache.valid.shape[1]
-    drop = dict(mode="drop")
     cache = KVCache(
-        cache.k.at[:, slot_ids, :, :p].set(small.k, **drop),
-        cache.v.at[:, slot_ids, :, :p].set(small.v, **drop),
-        cache.positions.at[slot_ids, :p].set(positions.astype(jnp.int32), **drop),
-        cache.valid.at[slot_ids].set(jnp.concatenate([prompt_mask, jnp.zeros((n, s_len - p), bool)], 1), **drop),
+        cache.k.at[:, slot_ids, :, :p].set(small.k),
+        cache.v.at[:, slot_ids, :, :p].set(small.v),
+        cache.positions.at[slot_ids, :p].set(positions.astype(jnp.int32)),
+        cache.valid.at[slot_ids].set(jnp.concatenate([prompt_mask, jnp.zeros((n, s_len - p), bool)], 1)),
     )
     keys = jax.vmap(lambda ids: jax.random.fold_in(jax.random.fold_in(base_key, ids[0]), ids[1]))(row_ids)
     zeros = jnp.zeros((n,), jnp.int32)
@@ -128,7 +126,7 @@ def insert(graphdef, state, cache: KVCache, slots: Slots, slot_ids, input_ids, p
                   jnp.full((n,), settings.max_new_tokens, jnp.int32), zeros)
     first = _choose(logits, keys, zeros, settings.sampling)
     fresh = _emit(fresh, first, jnp.ones((n,), bool), end_ids, stop_table, settings)
-    slots = jax.tree.map(lambda whole, part: whole.at[slot_ids].set(part, **drop), slots, fresh)
+    slots = jax.tree.map(lambda whole, part: whole.at[slot_ids].set(part), slots, fresh)
     return cache, slots
 
 
