@@ -92,12 +92,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps({"student": a.student, **results}, indent=2))
     base = next(iter(results.values()))["test_accuracy"].get(0)
-    print(f"student: {a.student}")
-    for mode, r in results.items():
+    for mode, r in results.items():  # one JSON object per line; the readable copy is summary.json in --out
         acc = r["test_accuracy"]
-        print(f"{mode}: test accuracy base {base}%, iteration 1 {acc.get(1)}%, iteration 2 {acc.get(2)}%; "
-              f"wall {r['wall_s']} s")
-    print(f"summary: {out / 'summary.json'}")
+        print(json.dumps({"student": a.student, "mode": mode, "test_accuracy_base": base,
+                          "test_accuracy_iteration_1": acc.get(1), "test_accuracy_iteration_2": acc.get(2),
+                          "wall_s": r["wall_s"], "summary": str(out / "summary.json")}), flush=True)
 
 
 if __name__ == "__main__":

